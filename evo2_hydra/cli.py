@@ -1,0 +1,85 @@
+"""What both entry points do after Hydra composed the config: validate once, then dispatch.
+
+Validation errors and `UserError`s become one line on stderr and exit code 2; a run folder that
+Hydra created for a run that never started is removed again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from evo2_hydra.config import ConfigError, ConvertConfig, RunConfig, Task
+from evo2_hydra.errors import UserError
+
+log = logging.getLogger("evo2_hydra")
+
+# task -> "module:function"; imported lazily so `task=plan` never imports DeepSpeed.
+TASKS: dict[Task, str] = {
+    Task.finetune: "evo2_hydra.train.run:run_finetune",
+    Task.preprocess: "evo2_hydra.data.preprocess:run_preprocess",
+    Task.plan: "evo2_hydra.plan:run_plan",
+    Task.score: "evo2_hydra.score:run_score",
+    Task.generate: "evo2_hydra.generate:run_generate",
+}
+CONVERT = "evo2_hydra.convert.run:run_convert"
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _hydra_output_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not running under Hydra (e.g. a direct call from a test)
+        return None
+
+
+def _fail(message: str) -> None:
+    """Print one line, remove the run folder if nothing was written to it, exit 2."""
+    out = _hydra_output_dir()
+    if out is not None and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def to_run_config(cfg: DictConfig, schema: type) -> Any:
+    """Convert the composed config to dataclasses once, so `__post_init__` rules run."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except (ConfigError, UserError) as err:
+        _fail(str(err))
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        _fail(str(cause) if cause else str(err).splitlines()[0])
+    if not isinstance(obj, schema):
+        _fail(f"the composed config is a {type(obj).__name__}, expected {schema.__name__}")
+    return obj
+
+
+def run_launch(cfg: DictConfig) -> Any:
+    run: RunConfig = to_run_config(cfg, RunConfig)
+    try:
+        return _resolve(TASKS[run.task])(run)
+    except (UserError, ConfigError) as err:
+        _fail(str(err))
+
+
+def run_convert(cfg: DictConfig) -> Any:
+    conv: ConvertConfig = to_run_config(cfg, ConvertConfig)
+    try:
+        return _resolve(CONVERT)(conv)
+    except (UserError, ConfigError) as err:
+        _fail(str(err))
