@@ -120,7 +120,7 @@ def test_hcm_matches_direct_reference():
     context = 64
     op = fill(HcmOperator(D, groups=3, context=context, filter_len=16))
     with torch.no_grad():
-        op.filter.decay.copy_(torch.rand(3, context, dtype=torch.float64))
+        op.filter.decay.copy_(rand(3, context, seed=21).abs())
     z = rand(B, L, D, seed=11)
     h = (op.filter.h[:, :16] * op.filter.decay[:, :16]).detach().repeat_interleave(4, dim=0)
     expected = ref_causal_conv(z, h, op.conv_bias.detach())
@@ -144,8 +144,8 @@ def test_hcm_filter_product_in_weight_dtype():
 def test_hcl_matches_direct_reference():
     op = fill(HclOperator(D, order=5, context=64))
     with torch.no_grad():
-        op.filter.gamma.copy_(torch.rand(D, 5, dtype=torch.float64).mul(0.09).add(0.01).log())
-        op.filter.p.copy_(torch.rand(D, 5, dtype=torch.float64) * 2 - 1)
+        op.filter.gamma.copy_(rand(D, 5, seed=22).abs().clamp(0.01, 0.1).log())
+        op.filter.p.copy_(rand(D, 5, seed=23).clamp(-1, 1))
         op.filter.t.fill_(-7.0)  # stored values of t must not matter (savanna recomputes them)
     z = rand(B, L, D, seed=12)
     f = op.filter
@@ -159,7 +159,7 @@ def test_attention_matches_direct_reference(scaling):
     dim, heads = 16, 2
     mixer = fill(AttentionMixer(dim, heads, rope_scaling_factor=scaling))
     # stored inv_freq that is NOT any base's: the stored buffer must be what is used
-    mixer.rotary_emb.inv_freq = torch.rand(dim // heads // 2, dtype=torch.float64).bfloat16()
+    mixer.rotary_emb.inv_freq = rand(dim // heads // 2, seed=20).abs().bfloat16()
     u = rand(B, L, dim, seed=13)
     expected = ref_attention(
         u,
@@ -170,7 +170,7 @@ def test_attention_matches_direct_reference(scaling):
         heads,
         scaling,
     )
-    torch.testing.assert_close(mixer(u), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixer(u), expected, atol=5e-5, rtol=1e-5)  # RoPE runs in fp32
 
 
 def test_hyena_featurizer_streams_and_gates():
