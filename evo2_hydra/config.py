@@ -211,6 +211,9 @@ class CkptConfig:
     # Allow full pickle loading (runs arbitrary code!). Only for files you trust.
     trust_pickle: bool = False
     random_init: bool = False  # start from freshly initialised weights when no path is given
+    # Zero-pad a narrower MLP in the file (w1/w2 rows, w3 columns) to the model's MLP width, as the
+    # 1M releases are padded (e.g. an 11008-wide 7B file to 11264). Off: a width mismatch is an error.
+    pad_mlp: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.context, int) or self.context <= 0:

@@ -1,0 +1,164 @@
+"""Find the checkpoint files behind whatever `ckpt.path` points at; never modifies the source.
+
+Accepted layouts (savanna.md §3.1):
+- a single `.pt` file as downloaded (`savanna_evo2_7b.pt`), or one `mp_rank_XX_model_states.pt`;
+- a `global_stepN` folder holding `mp_rank_XX_model_states.pt` (one per model-parallel rank), or
+  ZeRO-3 `zero_pp_rank_R_mp_rank_XX_model_states.pt` files (detected, gathered by convert.py);
+- a folder holding `latest` (DeepSpeed's save folder);
+- one of our run folders (its `checkpoints/` save folder, then as above);
+- a folder with `global_stepN` subfolders but no `latest` (the newest step is taken, as savanna's
+  `read_global_step` does), or a folder with exactly one `.pt` file.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evo2_hydra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+# Where a finetune run keeps its DeepSpeed save folder inside the run folder.
+RUN_CHECKPOINT_SUBDIR = "checkpoints"
+STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
+MP_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+ZERO3_FILE_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+
+@dataclass
+class CheckpointLocation:
+    """The files of one checkpoint, as found on disk."""
+
+    source: Path  # what the user gave
+    kind: str  # "file" | "step_dir"
+    step_dir: Path | None  # the global_stepN folder (None for a lone file)
+    iteration: int | None  # N of global_stepN, when the layout says it
+    model_files: list[Path]  # model-state files, index = MP rank
+    zero3_files: dict[int, list[Path]] = field(default_factory=dict)  # mp rank -> files by dp rank
+
+    @property
+    def mp(self) -> int:
+        return len(self.model_files) or len(self.zero3_files)
+
+    @property
+    def is_zero3(self) -> bool:
+        return not self.model_files and bool(self.zero3_files)
+
+    def describe(self) -> str:
+        where = self.step_dir if self.step_dir is not None else self.source
+        if self.is_zero3:
+            dp = len(next(iter(self.zero3_files.values())))
+            return f"{where} (ZeRO-3, MP={self.mp}, {dp} data-parallel shards)"
+        return f"{where} (MP={self.mp}{'' if self.iteration is None else f', iteration {self.iteration}'})"
+
+
+def _step_number(path: Path) -> int | None:
+    m = STEP_DIR_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _scan_step_dir(step_dir: Path, source: Path) -> CheckpointLocation:
+    mp_files: dict[int, Path] = {}
+    zero3: dict[int, dict[int, Path]] = {}
+    for f in step_dir.iterdir():
+        if m := MP_FILE_RE.match(f.name):
+            mp_files[int(m.group(1))] = f
+        elif m := ZERO3_FILE_RE.match(f.name):
+            zero3.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
+    if not mp_files and not zero3:
+        raise UserError(
+            f"{step_dir}: no model-state file (expected mp_rank_00_model_states.pt or "
+            "zero_pp_rank_0_mp_rank_00_model_states.pt)"
+        )
+    if mp_files:
+        ranks = sorted(mp_files)
+        if ranks != list(range(len(ranks))):
+            missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+            raise UserError(
+                f"{step_dir}: model-parallel shards incomplete: mp_rank_{missing[0]:02d}_model_states.pt "
+                f"is missing (found ranks {ranks})"
+            )
+        files = [mp_files[r] for r in ranks]
+        zero3_files: dict[int, list[Path]] = {}
+    else:
+        files = []
+        zero3_files = {mp: [by_dp[d] for d in sorted(by_dp)] for mp, by_dp in sorted(zero3.items())}
+    return CheckpointLocation(
+        source=source,
+        kind="step_dir",
+        step_dir=step_dir,
+        iteration=_step_number(step_dir),
+        model_files=files,
+        zero3_files=zero3_files,
+    )
+
+
+def read_latest(save_dir: Path) -> Path:
+    """The step folder `save_dir/latest` names, checked to exist."""
+    latest = save_dir / LATEST
+    tag = latest.read_text().strip()
+    if not tag:
+        raise UserError(f"{latest}: empty (expected a tag such as global_step100)")
+    step_dir = save_dir / tag
+    if not step_dir.is_dir():
+        raise UserError(f"{latest}: names step '{tag}', but {step_dir} does not exist")
+    return step_dir
+
+
+def step_dirs(save_dir: Path) -> list[Path]:
+    """global_stepN subfolders, oldest first (by N, not by name)."""
+    found = [
+        (n, p) for p in save_dir.iterdir() if p.is_dir() and (n := _step_number(p)) is not None
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def locate_checkpoint(path: str | Path) -> CheckpointLocation:
+    """Detect the layout at `path` and list its files (see the module docstring).
+
+    Raises:
+        UserError: nothing at `path`, no checkpoint inside, `latest` naming a missing step, or
+            incomplete model-parallel shards.
+    """
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise UserError(f"ckpt.path={source}: no such file or folder")
+    if source.is_file():
+        if MP_FILE_RE.match(source.name) and _step_number(source.parent) is not None:
+            siblings = [f for f in source.parent.iterdir() if MP_FILE_RE.match(f.name)]
+            if len(siblings) > 1:  # one shard of an MP checkpoint: take the whole step
+                return _scan_step_dir(source.parent, source)
+        return CheckpointLocation(
+            source=source,
+            kind="file",
+            step_dir=None,
+            iteration=_step_number(source.parent),
+            model_files=[source],
+        )
+    if _step_number(source) is not None:
+        return _scan_step_dir(source, source)
+    for save_dir in (source, source / RUN_CHECKPOINT_SUBDIR):
+        if (save_dir / LATEST).is_file():
+            return _scan_step_dir(read_latest(save_dir), source)
+    for save_dir in (source, source / RUN_CHECKPOINT_SUBDIR):
+        if save_dir.is_dir() and (steps := step_dirs(save_dir)):
+            log.info(
+                "%s has no `latest`; using the newest step folder %s", save_dir, steps[-1].name
+            )
+            return _scan_step_dir(steps[-1], source)
+    pt_files = sorted(source.glob("*.pt"))
+    if len(pt_files) == 1:
+        return locate_checkpoint(pt_files[0])
+    if len(pt_files) > 1:
+        raise UserError(
+            f"ckpt.path={source}: {len(pt_files)} .pt files and no `latest` or global_stepN folder; "
+            "point ckpt.path at one file"
+        )
+    raise UserError(
+        f"ckpt.path={source}: no checkpoint found (expected a .pt file, a global_stepN folder, "
+        "a folder holding `latest`, or a run folder with checkpoints/)"
+    )

@@ -1,0 +1,247 @@
+"""Turn any accepted `ckpt.path` into a checked, resized savanna checkpoint, lazily and atomically.
+
+`resize_to_dir` is the one write path (standalone `convert.py target=savanna` and finetune
+preparation): shards are memory-mapped and handled one at a time, legacy projections interleaved
+on request, the MLP zero-padded on request, context-dependent tensors resized (`resize.py`), and
+the result written as `OUT/global_stepN/mp_rank_XX_model_states.pt` + `OUT/latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
+from evo2_hydra.checkpoint.legacy import interleave_legacy_projections, mlp_width, pad_mlp
+from evo2_hydra.checkpoint.loader import load_shards, shard_shapes
+from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
+from evo2_hydra.checkpoint.resize import (
+    ScratchAllocator,
+    context_width,
+    is_context_key,
+    resize_module,
+)
+from evo2_hydra.checkpoint.writer import (
+    model_state_payload,
+    mp_file_name,
+    pause_for_tests,
+    write_checkpoint,
+)
+from evo2_hydra.config import CkptConfig, ModelConfig
+from evo2_hydra.errors import UserError
+from evo2_hydra.io_utils import atomic_dir
+
+log = logging.getLogger(__name__)
+
+PREPARED_MARKER = "prepared.json"
+# Bump when the prepared layout changes, so cached base checkpoints are rebuilt.
+PREPARE_FORMAT = 1
+
+
+def padded_shapes(shapes: Mapping[str, tuple[int, ...]], width: int) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith(("mlp.w1.weight", "mlp.w2.weight")):
+            shape = (max(width, shape[0]), *shape[1:])
+        elif key.endswith("mlp.w3.weight"):
+            shape = (shape[0], max(width, shape[1]))
+        out[key] = tuple(shape)
+    return out
+
+
+def check_checkpoint(
+    shapes: Mapping[str, tuple[int, ...]], where: str, ckpt: CkptConfig, model: ModelConfig
+) -> int | None:
+    """Check the (merged) shapes against the model and the preset; return the MLP pad width or None.
+
+    Raises:
+        UserError: naming `where` and the key: another model size, another MLP width, a filter
+            width that is not the preset's source context, missing or unexpected keys.
+    """
+    from evo2_hydra.model import check_state_dict
+
+    width = context_width(shapes, where)
+    pad_to = None
+    found = mlp_width(shapes)
+    if found is not None and found[1] < model.mlp_inner_size and ckpt.pad_mlp:
+        pad_to = model.mlp_inner_size
+        shapes = padded_shapes(shapes, pad_to)
+    try:
+        check_state_dict(model, width or ckpt.context, shapes)
+    except UserError as err:
+        hint = ""
+        if found is not None and found[1] < model.mlp_inner_size and not ckpt.pad_mlp:
+            hint = f" (or ckpt.pad_mlp=true to zero-pad {found[0]} from {found[1]} to {model.mlp_inner_size})"
+        raise UserError(f"{where}: {err}{hint}") from None
+    if width is not None and ckpt.source_context is not None and width != ckpt.source_context:
+        key = next(k for k in shapes if is_context_key(k))
+        raise UserError(
+            f"{where}: {key} is {width} columns wide, but ckpt.source_context={ckpt.source_context} "
+            f"(ckpt={ckpt.name}); choose the preset of this file or set ckpt.source_context={width}"
+        )
+    return pad_to
+
+
+def _transform(
+    module: Mapping[str, Any],
+    context: int,
+    *,
+    pad_to: int | None,
+    allocator: ScratchAllocator,
+) -> dict[str, Any]:
+    if pad_to is not None:
+        module = pad_mlp(module, pad_to)
+    return resize_module(module, context, allocator)
+
+
+def resize_to_dir(
+    shards: list[dict[str, Any]],
+    out_dir: str | Path,
+    context: int,
+    *,
+    iteration: int,
+    merge: bool = False,
+    interleave_legacy: bool = False,
+    pad_to: int | None = None,
+    overwrite: bool = False,
+    run_config_yaml: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `shards` (top-level dicts, one per MP rank) resized to `context` as a savanna save folder.
+
+    Each shard's tensors are read from its memory map only while that shard is written. With
+    `merge`, MP shards are concatenated into one MP=1 file (needed to train at MP=1).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"output={out_dir} already exists; set overwrite=true to replace it")
+    args = shards[0].get("args") if isinstance(shards[0].get("args"), dict) else {}
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp_out:
+        allocator = ScratchAllocator(tmp_out)
+
+        def fill(step_tmp: Path) -> None:
+            modules = (s["module"] for s in shards)
+            if interleave_legacy:  # per shard: the legacy blocks are per MP rank (§1.5)
+                modules = (interleave_legacy_projections(m) for m in modules)
+            if merge and len(shards) > 1:
+                modules = iter([merge_mp(list(modules))])
+                mp = 1
+            else:
+                mp = len(shards)
+            if pad_to is not None and mp > 1:
+                raise UserError("MLP padding needs an MP=1 result (the pad goes at the end of F)")
+            for rank, module in enumerate(modules):
+                out = _transform(module, context, pad_to=pad_to, allocator=allocator)
+                payload = model_state_payload(out, iteration=iteration, mp=mp, extra={"args": args})
+                torch.save(payload, step_tmp / mp_file_name(rank))
+                del out, payload, module
+                pause_for_tests()
+
+        write_checkpoint(tmp_out, iteration, fill, run_config_yaml=run_config_yaml)
+        for name, text in (extra_files or {}).items():
+            (tmp_out / name).write_text(text)
+    return out_dir
+
+
+def _cache_key(
+    location: CheckpointLocation, ckpt: CkptConfig, model: ModelConfig
+) -> dict[str, Any]:
+    files = location.model_files or [f for fs in location.zero3_files.values() for f in fs]
+    return {
+        "format": PREPARE_FORMAT,
+        "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "context": ckpt.context,
+        "interleave_legacy": ckpt.interleave_legacy,
+        "pad_mlp": ckpt.pad_mlp,
+        "model": model.name,
+        "mlp_inner_size": model.mlp_inner_size,
+    }
+
+
+def _cached(out_dir: Path, key: dict[str, Any]) -> bool:
+    marker = out_dir / PREPARED_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        saved = json.loads(marker.read_text())
+        locate_checkpoint(out_dir)
+    except (ValueError, UserError):
+        return False
+    return saved.get("key") == key
+
+
+def prepare_base_checkpoint(
+    ckpt: CkptConfig, model: ModelConfig, out_dir: str | Path
+) -> Path | None:
+    """Resolve `ckpt.path`, check it, resize to `ckpt.context` and write it to `out_dir` (cached).
+
+    `out_dir` becomes a DeepSpeed save folder (`latest` -> `global_step1/mp_rank_00_model_states.pt`,
+    MP=1) that `engine.load_checkpoint(out_dir, load_module_only=True)` accepts. Same source and
+    settings as last time: the folder is reused as is. Call it on one rank.
+
+    Returns:
+        `out_dir`, or None when `ckpt.path` is unset and `ckpt.random_init` asks for fresh weights.
+    """
+    if ckpt.path is None:
+        if ckpt.random_init:
+            return None
+        raise UserError(
+            f"ckpt.path is not set (ckpt={ckpt.name}): give ckpt.path=FILE_OR_FOLDER, or "
+            "ckpt.random_init=true to start from fresh weights"
+        )
+    out_dir = Path(out_dir)
+    location = locate_checkpoint(ckpt.path)
+    key = _cache_key(location, ckpt, model)
+    if _cached(out_dir, key):
+        log.info("base checkpoint: reusing %s (same source and settings)", out_dir)
+        return out_dir
+    shards = load_shards(location, trust_pickle=ckpt.trust_pickle)
+    shapes = merged_shapes(shard_shapes(shards))
+    pad_to = check_checkpoint(shapes, location.describe(), ckpt, model)
+    log.info(
+        "base checkpoint: %s -> %s (context %s -> %d%s%s)",
+        location.describe(),
+        out_dir,
+        context_width(shapes, str(location.source)),
+        ckpt.context,
+        ", MP merged" if location.mp > 1 else "",
+        f", MLP padded to {pad_to}" if pad_to else "",
+    )
+    marker = json.dumps({"key": key, "source": str(location.source)}, indent=1)
+    resize_to_dir(
+        shards,
+        out_dir,
+        ckpt.context,
+        iteration=1,
+        merge=True,
+        interleave_legacy=ckpt.interleave_legacy,
+        pad_to=pad_to,
+        overwrite=True,
+        extra_files={PREPARED_MARKER: marker},
+    )
+    return out_dir
+
+
+def resize_context(
+    source: str | Path,
+    out_dir: str | Path,
+    context: int,
+    *,
+    trust_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Standalone resize (no model check): any accepted layout -> savanna folder at `context`.
+
+    Keeps the MP layout and the source iteration (at least 1).
+    """
+    location = locate_checkpoint(source)
+    shards = load_shards(location, trust_pickle=trust_pickle)
+    context_width(merged_shapes(shard_shapes(shards)), location.describe())
+    iteration = max(1, shards[0].get("iteration") or location.iteration or 1)
+    return resize_to_dir(shards, out_dir, context, iteration=iteration, overwrite=overwrite)

@@ -1,0 +1,1 @@
+"""convert.py targets: `run.py` resolves source/output and dispatches through `TARGETS`."""

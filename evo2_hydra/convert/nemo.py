@@ -1,0 +1,531 @@
+"""savanna -> NeMo2 checkpoint folder (torch_dist or zarr), written without NeMo or Megatron.
+
+Layout (spec nemo.md §2): `context/io.json` (a minimal fiddle graph: TrainerContext -> HyenaModel ->
+Hyena*Config + ByteLevelTokenizer, §2.2), `context/model.yaml`, `weights/common.pt` (plain types),
+the weights, and `weights/metadata.json` with exactly four keys, written last (its presence marks a
+complete checkpoint, §2.3).
+
+Weights: full (TP=1) tensors under the Megatron keys of §1.4 prefixed `module.`; `linear_fc1` =
+`cat(w1, w2)` (gate first), hcm `h`/`decay` cut to 128 taps, filters `{h, decay, gamma, R, p}` in
+float32 and everything else bf16 (as BioNeMo's MBridge converter). DCP stores global tensors with
+chunk metadata, so the output loads at any tensor-parallel size (§2.7).
+- torch_dist: `torch.distributed.checkpoint.save(..., planner=DefaultSavePlanner(
+  flatten_state_dict=False), no_dist=True)`; TransformerEngine extra states are list-wrapped empty
+  uint8 tensors under `<module>._extra_state/shard_0_1` (the default planner would flatten the list
+  into a tensor entry Megatron does not recognise, §2.7).
+- zarr (Megatron <= 0.15): one zarr v2 array folder per key (`.zarray` + one raw C-order chunk),
+  bf16 as its 2-byte pattern with dtype "bfloat16"; extra states as `<key>/shard_0_1.pt`.
+Tensors are produced lazily, one at a time, so memory stays at about one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from evo2_hydra.config import ModelConfig, NemoFormat
+from evo2_hydra.convert.vortex import block_index, final_norm_index
+from evo2_hydra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "module."
+FP32_SUFFIXES = (".filter.h", ".filter.decay", ".filter.gamma", ".filter.R", ".filter.p")
+# TransformerEngine modules whose `_extra_state` Megatron-Core 0.15 / NeMo 2.6 requests for Evo 2
+# (spec/README.md: output_layer yes, core_attention no).
+HYENA_TE_MODULES = ("mixer.dense_projection", "mixer.dense", "mlp.linear_fc1", "mlp.linear_fc2")
+ATTENTION_TE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+TOP_TE_MODULES = ("output_layer",)
+EXTRA_STATE_SUFFIX = "._extra_state/shard_0_1"
+
+HYENA_MODULE = "nemo.collections.llm.gpt.model.hyena"
+TOKENIZER = ("nemo.collections.common.tokenizers.bytelevel_tokenizers", "ByteLevelTokenizer")
+
+
+@dataclass(frozen=True)
+class NemoSize:
+    config_class: str  # NeMo config class in nemo.collections.llm.gpt.model.hyena
+    hidden_size: int
+    num_layers: int
+    ffn_hidden_size: int
+    seq_length: int  # the class default
+    pattern: str
+
+
+NEMO_SIZES = {
+    "1b": NemoSize("Hyena1bConfig", 1920, 25, 5120, 8192, "SDH*SDHSDH*SDHSDH*SDHSDH*"),
+    "7b": NemoSize("Hyena7bConfig", 4096, 32, 11008, 8192, "SDH*SDHSDH*SDHSDH*SDHSDH*SDHSDH*"),
+    "7b_arc_1m": NemoSize(
+        "Hyena7bARCLongContextConfig", 4096, 32, 11264, 1048576, "SDH*SDHSDH*SDHSDH*SDHSDH*SDHSDH*"
+    ),
+    "40b": NemoSize(
+        "Hyena40bConfig",
+        8192,
+        50,
+        21888,
+        8192,
+        "SDH*SDHSDH*SDHSDH*SDHSDH*SDHSDH*SDH*SDHSDH*SDHSDH*",
+    ),
+    "40b_arc_1m": NemoSize(
+        "Hyena40bARCLongContextConfig",
+        8192,
+        50,
+        22528,
+        1048576,
+        "SDH*SDHSDH*SDHSDH*SDHSDH*SDHSDH*SDH*SDHSDH*SDHSDH*",
+    ),
+}
+# NeMo's own names for the 1M variants.
+NEMO_SIZE_ALIASES = {"7b_arc_longcontext": "7b_arc_1m", "40b_arc_longcontext": "40b_arc_1m"}
+
+
+def resolve_model_size(model_size: str | None, cfg: ModelConfig) -> str | None:
+    """The NeMo `--model-size` for this model: the given one (checked) or the one that fits.
+
+    None (no preset fits and none was asked for, e.g. evo2_tiny): the context names the base
+    `HyenaConfig` with every architecture value spelled out.
+    """
+    fits = [
+        name
+        for name, s in NEMO_SIZES.items()
+        if (s.hidden_size, s.num_layers, s.ffn_hidden_size, s.pattern)
+        == (cfg.hidden_size, cfg.num_layers, cfg.mlp_inner_size, cfg.operator_pattern)
+    ]
+    if model_size is None:
+        if not fits:
+            log.warning(
+                "no NeMo Evo 2 preset (%s) matches model=%s: context/io.json names the base "
+                "HyenaConfig with explicit architecture values",
+                ", ".join(NEMO_SIZES),
+                cfg.name,
+            )
+            return None
+        return fits[0]
+    name = NEMO_SIZE_ALIASES.get(model_size, model_size)
+    if name not in NEMO_SIZES:
+        raise UserError(
+            f"nemo.model_size={model_size}: expected one of {', '.join(NEMO_SIZES)} "
+            f"(or {', '.join(NEMO_SIZE_ALIASES)})"
+        )
+    if name not in fits:
+        s = NEMO_SIZES[name]
+        raise UserError(
+            f"nemo.model_size={model_size} is hidden {s.hidden_size}, {s.num_layers} layers, "
+            f"MLP {s.ffn_hidden_size}, but model={cfg.name} is hidden {cfg.hidden_size}, "
+            f"{cfg.num_layers} layers, MLP {cfg.mlp_inner_size}"
+            + (f"; the matching size is {fits[0]}" if fits else "")
+        )
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# Key mapping (spec nemo.md §1.4)
+
+
+Producer = Callable[[], Tensor]
+
+
+def _cast(key: str, tensor: Tensor) -> Tensor:
+    dtype = torch.float32 if key.endswith(FP32_SUFFIXES) else torch.bfloat16
+    return tensor.to(dtype)
+
+
+def savanna_to_nemo(
+    sd: Mapping[str, Tensor], cfg: ModelConfig, hcm_taps: int = 128
+) -> Iterator[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]]:
+    """Yield `(nemo key, (shape, dtype), producer)`; the tensor is made only when `producer()` runs."""
+
+    def need(key: str) -> Tensor:
+        if key not in sd:
+            raise UserError(f"savanna state dict: {key} is missing (model={cfg.name})")
+        return sd[key]
+
+    def entry(key: str, make: Callable[[], Tensor], shape: tuple[int, ...]):
+        dtype = torch.float32 if key.endswith(FP32_SUFFIXES) else torch.bfloat16
+        return PREFIX + key, (shape, dtype), lambda: _cast(key, make())
+
+    def copy(dst: str, src: str):
+        tensor = need(src)
+        return entry(dst, lambda: tensor, tuple(tensor.shape))
+
+    yield copy("embedding.word_embeddings.weight", "sequential.0.word_embeddings.weight")
+    for layer, kind in enumerate(cfg.layer_types()):
+        s = f"sequential.{block_index(layer)}."
+        d = f"decoder.layers.{layer}."
+        w1, w2 = need(s + "mlp.w1.weight"), need(s + "mlp.w2.weight")
+        if kind == "attention":
+            yield copy(
+                d + "self_attention.linear_qkv.layer_norm_weight", s + "input_layernorm.weight"
+            )
+            yield copy(d + "self_attention.linear_qkv.weight", s + "mixer.dense_projection.weight")
+            yield copy(d + "self_attention.linear_proj.weight", s + "mixer.dense.weight")
+            yield copy(d + "self_attention.linear_proj.bias", s + "mixer.dense.bias")
+        else:
+            m = d + "mixer."
+            yield copy(m + "dense_projection.layer_norm_weight", s + "input_layernorm.weight")
+            yield copy(m + "dense_projection.weight", s + "mixer.dense_projection.weight")
+            conv = need(s + "mixer.hyena_proj_conv.short_conv_weight")
+            yield entry(
+                m + "hyena_proj_conv.short_conv_weight",
+                lambda c=conv: c.reshape(c.shape[0], -1),
+                (conv.shape[0], conv.numel() // conv.shape[0]),
+            )
+            yield copy(m + "dense.weight", s + "mixer.dense.weight")
+            yield copy(m + "dense.bias", s + "mixer.dense.bias")
+            if kind == "hcs":
+                yield copy(
+                    m + "mixer.short_conv.short_conv_weight",
+                    s + "mixer.mixer.short_conv.short_conv_weight",
+                )
+            else:
+                yield copy(m + "mixer.conv_bias", s + "mixer.mixer.conv_bias")
+            if kind == "hcm":
+                for name in ("h", "decay"):
+                    full = need(s + f"mixer.mixer.filter.{name}")
+                    if full.shape[1] < hcm_taps:
+                        raise UserError(
+                            f"{s}mixer.mixer.filter.{name} is {full.shape[1]} wide; NeMo needs "
+                            f"{hcm_taps} taps (convert from a checkpoint of context >= {hcm_taps})"
+                        )
+                    yield entry(
+                        m + f"mixer.filter.{name}",
+                        lambda f=full: f[:, :hcm_taps],
+                        (full.shape[0], hcm_taps),
+                    )
+            if kind == "hcl":
+                for name in ("gamma", "R", "p"):
+                    yield copy(m + f"mixer.filter.{name}", s + f"mixer.mixer.filter.{name}")
+        yield copy(d + "mlp.linear_fc1.layer_norm_weight", s + "pre_mlp_layernorm.weight")
+        yield entry(
+            d + "mlp.linear_fc1.weight",
+            lambda a=w1, b=w2: torch.cat([a, b], dim=0),  # GLU gate (w1) first
+            (w1.shape[0] + w2.shape[0], w1.shape[1]),
+        )
+        yield copy(d + "mlp.linear_fc2.weight", s + "mlp.w3.weight")
+    yield copy(
+        "decoder.final_norm.weight", f"sequential.{final_norm_index(cfg.num_layers)}.norm.weight"
+    )
+
+
+def extra_state_keys(cfg: ModelConfig) -> list[str]:
+    """Every `_extra_state` ShardedObject key the NeMo Evo 2 model declares (module. prefixed)."""
+    keys = [PREFIX + m + EXTRA_STATE_SUFFIX for m in TOP_TE_MODULES]
+    for layer, kind in enumerate(cfg.layer_types()):
+        modules = ATTENTION_TE_MODULES if kind == "attention" else HYENA_TE_MODULES
+        keys += [f"{PREFIX}decoder.layers.{layer}.{m}{EXTRA_STATE_SUFFIX}" for m in modules]
+    return keys
+
+
+def empty_extra_state() -> Tensor:
+    """What TransformerEngine returns as extra state for a module that never ran FP8."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# context/ (spec nemo.md §2.2)
+
+
+def _pyref(module: str, name: str) -> dict[str, str]:
+    return {"type": "pyref", "module": module, "name": name}
+
+
+class _FiddleGraph:
+    """Builds fiddle's JSON serialization (format 0.0.1) of a tree of `fdl.Config`s."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self._counts: dict[str, int] = {}
+
+    def _name(self, base: str) -> str:
+        self._counts[base] = self._counts.get(base, 0) + 1
+        return f"{base}_{self._counts[base]}"
+
+    def _add(self, base: str, record: dict[str, Any]) -> dict[str, str]:
+        key = self._name(base)
+        self.objects[key] = record
+        return {"type": "ref", "key": key}
+
+    def config(self, base: str, fn: tuple[str, str], items: dict[str, Any], path: str):
+        names = self._add(
+            "tuple",
+            {
+                "type": _pyref("builtins", "tuple"),
+                "items": [
+                    [f"Index(index={i})", {"type": "leaf", "value": n}] for i, n in enumerate(items)
+                ],
+                "metadata": None,
+                "paths": [f"{path}.__metadata__.argument_names"],
+            },
+        )
+        empty = {
+            "type": _pyref("builtins", "dict"),
+            "items": [],
+            "metadata": {"type": "leaf", "value": []},
+        }
+        tags = self._add("dict", {**empty, "paths": [f"{path}.__metadata__.argument_tags"]})
+        history = self._add("dict", {**empty, "paths": [f"{path}.__metadata__.argument_history"]})
+        metadata = self._add(
+            "buildable_traverser_metadata",
+            {
+                "type": _pyref("fiddle._src.config", "BuildableTraverserMetadata"),
+                "items": [
+                    ["Attr(name='fn_or_cls')", _pyref(*fn)],
+                    ["Attr(name='argument_names')", names],
+                    ["Attr(name='argument_tags')", tags],
+                    ["Attr(name='argument_history')", history],
+                ],
+                "metadata": None,
+                "paths": [f"{path}.__metadata__"],
+            },
+        )
+        return self._add(
+            base,
+            {
+                "type": _pyref("fiddle._src.config", "Config"),
+                "items": [[f"Attr(name='{k}')", v] for k, v in items.items()],
+                "metadata": metadata,
+                "paths": [path],
+            },
+        )
+
+
+def leaf(value: Any) -> dict[str, Any]:
+    return {"type": "leaf", "value": value}
+
+
+def architecture_values(cfg: ModelConfig, context: int) -> dict[str, Any]:
+    """NeMo HyenaConfig field values for a model no preset describes."""
+    return {
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_hidden_size": cfg.mlp_inner_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "hybrid_override_pattern": cfg.operator_pattern,
+        "num_groups_hyena": cfg.hcl_groups,
+        "num_groups_hyena_medium": cfg.hcm_groups,
+        "num_groups_hyena_short": cfg.hcs_groups,
+        "hyena_filter_order": cfg.hcl_modal_order,
+        "hyena_short_conv_len": cfg.hcs_filter_len,
+        "hyena_medium_conv_len": cfg.hcm_filter_len,
+        "short_conv_L": cfg.featurizer_conv_len,
+        "seq_length": context,
+        "rotary_base": int(cfg.rope_base),
+        "layernorm_epsilon": cfg.norm_eps,
+        "vocab_size": cfg.vocab_size,
+        "remove_activation_post_first_layer": True,
+        "add_attn_proj_bias": True,
+        "use_short_conv_bias": False,
+    } | (
+        {}
+        if cfg.rope_scaling_factor == 1.0
+        else {"seq_len_interpolation_factor": cfg.rope_scaling_factor}
+    )
+
+
+def config_overrides(model_size: str | None, cfg: ModelConfig, context: int) -> dict[str, Any]:
+    """Only values that differ from the NeMo class defaults (fiddle stores only set arguments)."""
+    if model_size is None:
+        return architecture_values(cfg, context)
+    return {} if context == NEMO_SIZES[model_size].seq_length else {"seq_length": context}
+
+
+def config_class(model_size: str | None) -> str:
+    return "HyenaConfig" if model_size is None else NEMO_SIZES[model_size].config_class
+
+
+def io_json(model_size: str | None, context: int, cfg: ModelConfig) -> dict[str, Any]:
+    graph = _FiddleGraph()
+    overrides = config_overrides(model_size, cfg, context)
+    config = graph.config(
+        "hyena_config",
+        (HYENA_MODULE, config_class(model_size)),
+        {k: leaf(v) for k, v in overrides.items()},
+        "<root>.model.config",
+    )
+    tokenizer = graph.config("byte_level_tokenizer", TOKENIZER, {}, "<root>.model.tokenizer")
+    model = graph.config(
+        "hyena_model",
+        (HYENA_MODULE, "HyenaModel"),
+        {"config": config, "tokenizer": tokenizer},
+        "<root>.model",
+    )
+    root = graph.config(
+        "trainer_context", ("nemo.lightning.io.pl", "TrainerContext"), {"model": model}, "<root>"
+    )
+    return {
+        "root": root,
+        "objects": graph.objects,
+        "refcounts": {key: 1 for key in graph.objects},
+        "version": "0.0.1",
+    }
+
+
+def model_yaml(model_size: str | None, context: int, cfg: ModelConfig) -> str:
+    body = {
+        "_target_": f"{HYENA_MODULE}.HyenaModel",
+        "config": {
+            "_target_": f"{HYENA_MODULE}.{config_class(model_size)}",
+            **architecture_values(cfg, context),
+            "share_embeddings_and_output_weights": True,
+        },
+        "tokenizer": {"_target_": ".".join(TOKENIZER)},
+    }
+    return "# NeMo2 model context written by evo2_hydra convert.py target=nemo\n" + yaml.safe_dump(
+        body, sort_keys=False
+    )
+
+
+COMMON_PT = {"pytorch-lightning_version": "2.5.0", "epoch": 0, "global_step": 0, "state_dict": {}}
+
+
+def metadata_json(fmt: NemoFormat) -> dict[str, Any]:
+    return {
+        "sharded_backend": fmt.value,
+        "sharded_backend_version": 1,
+        "common_backend": "torch",
+        "common_backend_version": 1,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Writers
+
+
+def _lazy_save_planner(producers: Mapping[str, Producer], on_tensor: Callable[[Tensor], None]):
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class LazySavePlanner(DefaultSavePlanner):
+        """Plans from meta placeholders; makes each tensor only when the writer asks for it."""
+
+        def resolve_data(self, write_item):
+            make = producers.get(write_item.index.fqn)
+            if make is None:
+                return super().resolve_data(write_item)
+            tensor = make()
+            on_tensor(tensor)
+            return tensor
+
+    return LazySavePlanner(flatten_state_dict=False)
+
+
+def write_torch_dist(
+    weights_dir: Path,
+    entries: list[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]],
+    extra_keys: list[str],
+    on_tensor: Callable[[Tensor], None],
+) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    placeholders: dict[str, Any] = {
+        key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype), _ in entries
+    }
+    placeholders.update({key: [empty_extra_state()] for key in extra_keys})
+    producers = {key: make for key, _, make in entries}
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*assuming the intent is to save in a single process.*"
+        )
+        dcp.save(
+            placeholders,
+            storage_writer=FileSystemWriter(str(weights_dir), single_file_per_rank=True),
+            planner=_lazy_save_planner(producers, on_tensor),
+            no_dist=True,
+        )
+
+
+ZARR_DTYPES = {torch.float32: "<f4", torch.bfloat16: "bfloat16", torch.float16: "<f2"}
+
+
+def write_zarr_array(folder: Path, tensor: Tensor) -> None:
+    """One zarr v2 array: `.zarray` + a single raw, uncompressed C-order chunk."""
+    folder.mkdir(parents=True)
+    tensor = tensor.contiguous()
+    meta = {
+        "chunks": list(tensor.shape),
+        "compressor": None,
+        "dtype": ZARR_DTYPES[tensor.dtype],
+        "fill_value": None,
+        "filters": None,
+        "order": "C",
+        "shape": list(tensor.shape),
+        "zarr_format": 2,
+    }
+    (folder / ".zarray").write_text(json.dumps(meta))
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    chunk_name = ".".join("0" for _ in tensor.shape) or "0"
+    (folder / chunk_name).write_bytes(raw.numpy().tobytes())
+
+
+def write_zarr(
+    weights_dir: Path,
+    entries: list[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]],
+    extra_keys: list[str],
+    on_tensor: Callable[[Tensor], None],
+) -> None:
+    for key, _, make in entries:
+        tensor = make()
+        write_zarr_array(weights_dir / key, tensor)
+        on_tensor(tensor)
+    for key in extra_keys:
+        name, shard = key.split("/")
+        (weights_dir / name).mkdir(parents=True, exist_ok=True)
+        torch.save(
+            empty_extra_state(), weights_dir / name / f"{shard}.pt"
+        )  # the object, not a list
+
+
+WRITERS = {NemoFormat.torch_dist: write_torch_dist, NemoFormat.zarr: write_zarr}
+
+
+def write_nemo_checkpoint(
+    out_dir: Path,
+    sd: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    *,
+    fmt: NemoFormat,
+    model_size: str | None,
+    context: int,
+    on_tensor: Callable[[Tensor], None] = lambda t: None,
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Write the NeMo2 folder into `out_dir` (already created, empty); return key -> (shape, dtype)."""
+    size_name = resolve_model_size(model_size, cfg)
+    entries = list(savanna_to_nemo(sd, cfg, cfg.hcm_filter_len))
+    extra_keys = extra_state_keys(cfg)
+    (out_dir / "context").mkdir()
+    (out_dir / "context" / "io.json").write_text(
+        json.dumps(io_json(size_name, context, cfg), indent=1)
+    )
+    (out_dir / "context" / "model.yaml").write_text(model_yaml(size_name, context, cfg))
+    weights = out_dir / "weights"
+    weights.mkdir()
+    WRITERS[fmt](weights, entries, extra_keys, on_tensor)
+    torch.save(COMMON_PT, weights / "common.pt")
+    # Written last: Megatron treats its presence as "this checkpoint is complete".
+    (weights / "metadata.json").write_text(json.dumps(metadata_json(fmt)))
+    return {key: (shape, str(dtype).removeprefix("torch.")) for key, (shape, dtype), _ in entries}
+
+
+def nemo_total_bytes(sd: Mapping[str, Tensor], cfg: ModelConfig) -> int:
+    total = 0
+    for _, (shape, dtype), _ in savanna_to_nemo(sd, cfg, cfg.hcm_filter_len):
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * torch.empty(0, dtype=dtype).element_size()
+    return total

@@ -1,0 +1,72 @@
+"""`python convert.py target=vortex|nemo|savanna source=PATH output=DIR`: resolve, refuse, dispatch.
+
+The source is anything `ckpt.path` accepts (see evo2_hydra/checkpoint/layout.py); without
+`source`, the newest run under `paths.output_root` (the one whose checkpoint `latest` changed last).
+An existing output is refused unless `overwrite=true`. Each target is a function
+`(conv, source, output) -> Path` registered in `TARGETS` ("module:function", imported lazily).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
+from evo2_hydra.config import ConvertConfig, TargetKind
+from evo2_hydra.errors import UserError
+
+log = logging.getLogger("evo2_hydra.convert")
+
+TARGETS: dict[TargetKind, str] = {
+    TargetKind.savanna: "evo2_hydra.convert.savanna:convert_savanna",
+}
+
+
+def newest_run(output_root: Path) -> Path:
+    """The run folder under `output_root` whose `checkpoints/latest` was written last."""
+    candidates = [
+        p.parent.parent
+        for p in output_root.rglob(f"{RUN_CHECKPOINT_SUBDIR}/{LATEST}")
+        if p.is_file() and p.parent.name == RUN_CHECKPOINT_SUBDIR
+    ]
+    if not candidates:
+        raise UserError(
+            f"source is not set and no run with checkpoints was found under paths.output_root={output_root}; "
+            "give source=PATH"
+        )
+    return max(
+        candidates, key=lambda run: (run / RUN_CHECKPOINT_SUBDIR / LATEST).stat().st_mtime_ns
+    )
+
+
+def resolve_source(conv: ConvertConfig) -> Path:
+    if conv.source is not None:
+        return Path(conv.source).expanduser()
+    run = newest_run(Path(conv.paths.output_root))
+    log.info("source not given: using the newest run %s", run)
+    return run
+
+
+def _target(kind: TargetKind):
+    if kind not in TARGETS:
+        have = ", ".join(k.value for k in TARGETS)
+        raise UserError(f"target={kind.value} is not available in this build (available: {have})")
+    module, func = TARGETS[kind].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_convert(conv: ConvertConfig) -> Path:
+    """Entry of convert.py (after validation): check source and output, run the target."""
+    convert = _target(conv.target.kind)
+    if conv.output is None:
+        raise UserError("output is not set: give output=DIR (a folder that does not exist yet)")
+    output = Path(conv.output).expanduser()
+    if output.exists() and not conv.overwrite:
+        raise UserError(f"output={output} already exists; set overwrite=true to replace it")
+    source = resolve_source(conv)
+    if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
+        raise UserError(f"output={output} is inside source={source}; the source is never modified")
+    result = convert(conv, source, output)
+    log.info("wrote %s", result)
+    return result

@@ -1,0 +1,219 @@
+"""Write `torch.save`-compatible files one tensor at a time, so a conversion never holds the model.
+
+`torch.save(dict)` needs every tensor alive at once. A conversion that casts or transforms tensors
+would then own the whole model in anonymous memory. `TorchSaveStream` writes each tensor's bytes
+into the zip archive as soon as it is produced (the tensor can be freed right after) and pickles
+the object tree last, with light references in place of tensors. The file is byte-for-byte the
+layout `torch.save` writes (zip records `data/<key>`, `data.pkl`, `byteorder`, 64-byte aligned
+storages), so `torch.load(..., weights_only=True, mmap=True)` reads it like any other.
+
+Also here: `conversion_progress` (one tqdm bar per conversion, in bytes) and `write_manifest`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import pickle
+import sys
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+# dtype -> the legacy typed-storage class torch.save records (what torch.load maps back to a dtype).
+_STORAGE_TYPES = {
+    torch.float32: torch.FloatStorage,
+    torch.float64: torch.DoubleStorage,
+    torch.float16: torch.HalfStorage,
+    torch.bfloat16: torch.BFloat16Storage,
+    torch.int64: torch.LongStorage,
+    torch.int32: torch.IntStorage,
+    torch.int16: torch.ShortStorage,
+    torch.int8: torch.CharStorage,
+    torch.uint8: torch.ByteStorage,
+    torch.bool: torch.BoolStorage,
+}
+
+
+class _StorageRef:
+    """Stands for a storage already written as `data/<key>`; pickled as a persistent id."""
+
+    __slots__ = ("key", "dtype", "numel")
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class TensorRef:
+    """A tensor whose bytes are in the archive; pickles exactly as torch.save pickles a tensor."""
+
+    __slots__ = ("storage", "shape", "stride")
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...], stride: tuple[int, ...]):
+        self.storage, self.shape, self.stride = storage, shape, stride
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def __reduce_ex__(self, protocol: int):
+        args = (
+            self.storage,
+            0,
+            self.shape,
+            self.stride,
+            False,
+            collections.OrderedDict(),
+        )
+        return (torch._utils._rebuild_tensor_v2, args)
+
+
+class TorchSaveStream:
+    """`with TorchSaveStream(path) as out: ref = out.add(t) ...; out.finish(obj_with_refs)`.
+
+    `obj` may contain real tensors too (small ones); they are written on `finish`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._zip = torch._C.PyTorchFileWriter(str(self.path))
+        self._count = 0
+        # data_ptr -> (weak ref to the tensor, ref): a tensor given twice (a tied embedding) is
+        # stored once. The weak ref guards against a freed tensor's address being reused.
+        self._written: dict[int, tuple[weakref.ref, _StorageRef]] = {}
+        self._finished = False
+        self.bytes_written = 0
+
+    def __enter__(self) -> TorchSaveStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._finished:
+            self._zip.write_end_of_file()  # close the handle; the caller discards the file
+
+    def add(self, tensor: Tensor) -> TensorRef:
+        """Write `tensor`'s bytes now; return the reference to put in the pickled object."""
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        if tensor.dtype not in _STORAGE_TYPES:
+            raise TypeError(f"cannot stream a tensor of dtype {tensor.dtype}")
+        # A view of a larger storage (e.g. h[:, :128]) would drag the whole storage along: copy it.
+        storage = tensor.untyped_storage()
+        whole = (
+            tensor.is_contiguous()
+            and tensor.storage_offset() == 0
+            and storage.nbytes() == tensor.numel() * tensor.element_size()
+        )
+        if not whole:
+            tensor = tensor.contiguous().clone()
+            storage = tensor.untyped_storage()
+        ref = None
+        if whole and (seen := self._written.get(storage.data_ptr())) is not None:
+            owner, ref = seen[0](), seen[1]
+            if owner is None or owner.untyped_storage().data_ptr() != storage.data_ptr():
+                ref = None
+        if ref is None or ref.dtype != tensor.dtype or ref.numel != tensor.numel():
+            key = str(self._count)
+            self._count += 1
+            nbytes = storage.nbytes()
+            self._zip.write_record(f"data/{key}", storage, nbytes)
+            self.bytes_written += nbytes
+            ref = _StorageRef(key, tensor.dtype, tensor.numel())
+            if whole:
+                self._written[storage.data_ptr()] = (weakref.ref(tensor), ref)
+        return TensorRef(ref, tuple(tensor.shape), tuple(tensor.stride()))
+
+    def finish(self, obj: Any) -> None:
+        """Pickle `obj` (tensors in it replaced by their refs) and close the archive."""
+        stream = self
+
+        class _Pickler(pickle.Pickler):
+            def persistent_id(self, item):
+                if isinstance(item, _StorageRef):
+                    return ("storage", _STORAGE_TYPES[item.dtype], item.key, "cpu", item.numel)
+                return None
+
+            def reducer_override(self, item):
+                if isinstance(item, Tensor):
+                    return stream.add(item.detach()).__reduce_ex__(2)
+                return NotImplemented
+
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(obj)
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        alignment = str(torch.serialization._get_storage_alignment())
+        self._zip.write_record(".storage_alignment", alignment, len(alignment))
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._zip.write_end_of_file()
+        self._finished = True
+
+
+def conversion_progress(total_bytes: int, desc: str) -> tqdm:
+    """One progress bar per conversion, counted in bytes of tensors produced."""
+    return tqdm(
+        total=total_bytes,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        mininterval=0.5,
+        file=sys.stderr,
+    )
+
+
+def tensor_nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _file_digest(path: Path) -> str:
+    """blake2b of the file: reading is what costs, and it is page-cache hot right after writing."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != "manifest.json":
+            yield path
+
+
+def write_manifest(
+    out_dir: Path,
+    *,
+    source: str,
+    target: str,
+    tensors: Mapping[str, tuple[tuple[int, ...], str]],
+    extra: Mapping[str, Any] | None = None,
+    digest: bool = True,
+) -> Path:
+    """`manifest.json`: what was converted from where, every file (bytes, hash), every tensor."""
+    files = {}
+    for path in iter_files(out_dir):
+        entry: dict[str, Any] = {"bytes": path.stat().st_size}
+        if digest:
+            entry["blake2b"] = _file_digest(path)
+        files[str(path.relative_to(out_dir))] = entry
+    manifest = {
+        "source": source,
+        "target": target,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+        "tensors": {k: {"shape": list(s), "dtype": d} for k, (s, d) in tensors.items()},
+        **(dict(extra) if extra else {}),
+    }
+    path = out_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
