@@ -380,11 +380,16 @@ class PlanConfig:
 @dataclass
 class ScoreConfig:
     input: str | None = None  # JSONL with sequences to score
-    output: str | None = None  # output folder
+    output: str | None = None  # output folder (must not exist yet); None = <run folder>/score
+    text_key: str = "text"  # JSONL field holding the sequence
     logits: bool = False  # also write [L, 512] float32 logits per sequence (.npy)
     dtype: ScoreDtype = ScoreDtype.float32
-    batch_size: int = 1
+    batch_size: int = 1  # sequences per forward pass (right-padded; causal, so padding is inert)
     reverse_complement: bool = False  # average with the reverse complement's score
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"score.batch_size={self.batch_size}: must be positive")
 
 
 @dataclass

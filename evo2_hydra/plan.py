@@ -1,0 +1,124 @@
+"""`task=plan`: what a run would hold, computed on the meta device (no weights are allocated).
+
+    python launch.py task=plan model=evo2_7b ckpt.context=8192
+    python launch.py task=plan model=evo2_40b ckpt=savanna_evo2_40b plan.format=json
+
+The report is a list of sections; each section contributes text lines and keys of the one JSON
+object. New sections (e.g. a memory estimate) are added by appending a builder to
+`SECTION_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evo2_hydra.config import ModelConfig, OutputFormat, Precision, RunConfig
+from evo2_hydra.model import build_model
+
+
+@dataclass
+class PlanSection:
+    title: str
+    lines: list[str] = field(default_factory=list)  # the text rendering
+    data: dict[str, Any] = field(default_factory=dict)  # merged into the JSON object
+
+
+def weight_dtype(precision: Precision) -> torch.dtype:
+    """Dtype the run keeps its weights in (bf16 training keeps bf16 module weights)."""
+    return torch.bfloat16 if precision == Precision.bf16 else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def model_section(model_cfg: ModelConfig, context: int, dtype: torch.dtype) -> PlanSection:
+    """Parameter table (name, shape, dtype), parameter count and bytes, from a meta build."""
+    model = build_model(model_cfg, context, device="meta", dtype=dtype)
+    params = [
+        {"name": n, "shape": list(p.shape), "dtype": _dtype_name(p.dtype)}
+        for n, p in model.named_parameters()
+    ]
+    buffers = [
+        {"name": n, "shape": list(b.shape), "dtype": _dtype_name(b.dtype)}
+        for n, b in model.named_buffers()
+    ]
+    param_count = sum(p.numel() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    width = max(len(p["name"]) for p in params + buffers)
+    lines = [f"{'name':<{width}}  {'shape':<22} dtype"]
+    for kind, rows in (("", params), (" (buffer)", buffers)):
+        for row in rows:
+            shape = "[" + ", ".join(map(str, row["shape"])) + "]"
+            lines.append(f"{row['name']:<{width}}  {shape:<22} {row['dtype']}{kind}")
+    lines += [
+        "",
+        f"parameters: {param_count:,} ({param_count / 1e9:.3f} B)",
+        f"parameter bytes: {param_bytes:,} ({_human_bytes(param_bytes)})",
+        f"buffer bytes (decay, t, inv_freq): {buffer_bytes:,} ({_human_bytes(buffer_bytes)})",
+        f"weights in a checkpoint: {param_bytes + buffer_bytes:,} ({_human_bytes(param_bytes + buffer_bytes)})",
+    ]
+    data = {
+        "model": model_cfg.name,
+        "context": context,
+        "dtype": _dtype_name(dtype),
+        "parameters": params,
+        "buffers": buffers,
+        "parameter_count": param_count,
+        "parameter_bytes": param_bytes,
+        "buffer_bytes": buffer_bytes,
+        "weight_bytes": param_bytes + buffer_bytes,
+    }
+    title = f"model {model_cfg.name} at context {context} ({_dtype_name(dtype)} weights)"
+    return PlanSection(title=title, lines=lines, data=data)
+
+
+def _model_builder(run: RunConfig) -> PlanSection:
+    return model_section(run.model, run.ckpt.context, weight_dtype(run.train.precision))
+
+
+# Each builder takes the run config and returns one section, in report order.
+SECTION_BUILDERS: list[Callable[[RunConfig], PlanSection]] = [_model_builder]
+
+
+def build_plan(run: RunConfig) -> list[PlanSection]:
+    return [builder(run) for builder in SECTION_BUILDERS]
+
+
+def render_text(sections: list[PlanSection]) -> str:
+    out: list[str] = []
+    for section in sections:
+        out += [f"== {section.title}", *section.lines, ""]
+    return "\n".join(out)
+
+
+def render_json(sections: list[PlanSection]) -> str:
+    merged: dict[str, Any] = {}
+    for section in sections:
+        clash = set(merged) & set(section.data)
+        if clash:
+            raise ValueError(f"plan sections define the same JSON keys: {sorted(clash)}")
+        merged.update(section.data)
+    return json.dumps(merged)
+
+
+def run_plan(run: RunConfig) -> list[PlanSection]:
+    """Print the plan (text table or one JSON object on stdout) and return its sections."""
+    sections = build_plan(run)
+    print(render_json(sections) if run.plan.format == OutputFormat.json else render_text(sections))
+    return sections
