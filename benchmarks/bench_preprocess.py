@@ -1,0 +1,169 @@
+"""Preprocessing throughput: ours vs a per-document pure-Python baseline vs plain read + write.
+
+    python benchmarks/bench_preprocess.py --size-mb 200 [--workers 0] [--packing contiguous]
+
+All three are measured in the same run on the same synthetic JSONL (random ACGT documents), so
+the ratios hold even on a busy machine. The baseline runs on the first --baseline-mb of the input
+(its MB/s is a rate, so a prefix is enough) and its output is compared byte for byte with ours.
+Targets (issue #4): ours >= 20x the baseline, ours within 3x of read + write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evo2_hydra.data.jsonl import EncodeSettings  # noqa: E402
+from evo2_hydra.data.preprocess import preprocess_jsonl  # noqa: E402
+
+
+def make_jsonl(path: Path, size_mb: float, min_len: int, max_len: int, seed: int) -> int:
+    """Random ACGT documents as {"text": ...} lines until the file reaches size_mb."""
+    rng = np.random.default_rng(seed)
+    alphabet = np.frombuffer(b"ACGT", dtype=np.uint8)
+    target = int(size_mb * 1e6)
+    written = docs = 0
+    with open(path, "wb") as f:
+        while written < target:
+            lengths = rng.integers(min_len, max_len + 1, size=256)
+            bases = alphabet[rng.integers(0, 4, size=int(lengths.sum()))].tobytes()
+            lines, start = [], 0
+            for n in lengths.tolist():
+                lines.append(b'{"text": "' + bases[start : start + n] + b'"}\n')
+                start += n
+            block = b"".join(lines)
+            f.write(block)
+            written += len(block)
+            docs += len(lines)
+    return docs
+
+
+def baseline_preprocess(src: Path, prefix: Path, append_eod: bool) -> None:
+    """The straightforward way: json.loads, a Python list per document, array writes."""
+    sizes = []
+    with open(src) as fin, open(f"{prefix}.bin", "wb") as fbin:
+        for line in fin:
+            text = json.loads(line)["text"]
+            ids = [b for b in text.encode("utf-8")]  # one Python int per character
+            if append_eod:
+                ids.append(0)
+            array.array("H", ids).tofile(fbin)
+            sizes.append(len(ids))
+    with open(f"{prefix}.idx", "wb") as fidx:
+        fidx.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(sizes), len(sizes) + 1))
+        array.array("i", sizes).tofile(fidx)
+        pointer, pointers = 0, []
+        for s in sizes:
+            pointers.append(pointer)
+            pointer += 2 * s
+        array.array("q", pointers).tofile(fidx)
+        array.array("q", range(len(sizes) + 1)).tofile(fidx)
+
+
+def read_and_write(src: Path, out_dir: Path, bin_bytes: int, idx_bytes: int) -> None:
+    """No processing: read the input, write files of the output's sizes."""
+    chunk = 8 << 20
+    remaining = bin_bytes
+    with open(src, "rb") as fin, open(out_dir / "rw.bin", "wb") as fout:
+        while block := fin.read(chunk):
+            n = min(remaining, 2 * len(block))
+            fout.write(block * 2 if n == 2 * len(block) else (block * 2)[:n])
+            remaining -= n
+        if remaining > 0:
+            fout.write(b"\0" * remaining)
+    (out_dir / "rw.idx").write_bytes(b"\0" * idx_bytes)
+
+
+def timed(fn, *args, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=float, default=200.0, help="synthetic JSONL size (MB)")
+    ap.add_argument("--baseline-mb", type=float, default=30.0, help="prefix the baseline runs on")
+    ap.add_argument("--min-len", type=int, default=1000, help="shortest document (bases)")
+    ap.add_argument("--max-len", type=int, default=10000, help="longest document (bases)")
+    ap.add_argument("--workers", type=int, default=0, help="data.workers (0 = auto)")
+    ap.add_argument("--packing", choices=["contiguous", "padded"], default="contiguous")
+    ap.add_argument("--no-eod", action="store_true", help="without append_eod")
+    ap.add_argument("--repeat", type=int, default=2, help="best of N for ours and read+write")
+    ap.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    append_eod = not args.no_eod
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        src = tmp / "input.jsonl"
+        t0 = time.perf_counter()
+        docs = make_jsonl(src, args.size_mb, args.min_len, args.max_len, args.seed)
+        size = src.stat().st_size
+        print(f"input: {size / 1e6:.1f} MB, {docs} documents ({time.perf_counter() - t0:.1f} s)")
+
+        # A prefix of the input for the slow baseline (whole lines).
+        sub = tmp / "subset.jsonl"
+        with open(src, "rb") as fin, open(sub, "wb") as fout:
+            fout.write(fin.read(int(args.baseline_mb * 1e6)).rsplit(b"\n", 1)[0] + b"\n")
+        sub_size = sub.stat().st_size
+
+        max_length = args.max_len + 1 if args.packing == "padded" else None
+        settings = EncodeSettings(append_eod=append_eod, max_length=max_length)
+
+        def ours(path: Path, prefix: Path) -> None:
+            preprocess_jsonl(
+                [str(path)], str(prefix), settings, workers=args.workers, progress=False
+            )
+
+        # Read + write first: it also brings the input into the page cache for everyone.
+        ours(src, tmp / "ours")
+        bin_bytes = (tmp / "ours.bin").stat().st_size
+        idx_bytes = (tmp / "ours.idx").stat().st_size
+        t_rw = timed(read_and_write, src, tmp, bin_bytes, idx_bytes, repeat=args.repeat)
+        t_ours = timed(ours, src, tmp / "ours", repeat=args.repeat)
+        t_base = timed(baseline_preprocess, sub, tmp / "base", append_eod)
+
+        identical = None
+        if args.packing == "contiguous":
+            ours(sub, tmp / "ours_sub")
+            identical = all(
+                (tmp / f"ours_sub{e}").read_bytes() == (tmp / f"base{e}").read_bytes()
+                for e in (".bin", ".idx")
+            )
+
+        mbps = lambda nbytes, t: nbytes / t / 1e6  # noqa: E731
+        r_ours, r_rw, r_base = mbps(size, t_ours), mbps(size, t_rw), mbps(sub_size, t_base)
+        print(
+            f"packing={args.packing} append_eod={append_eod} workers={args.workers} cpus={os.cpu_count()}"
+        )
+        print(
+            f"read+write (no processing): {r_rw:8.1f} MB/s  ({t_rw:.2f} s for {size / 1e6:.0f} MB)"
+        )
+        print(f"ours:                       {r_ours:8.1f} MB/s  ({t_ours:.2f} s)")
+        print(
+            f"pure-Python baseline:       {r_base:8.1f} MB/s  ({t_base:.2f} s for {sub_size / 1e6:.0f} MB)"
+        )
+        print(f"speed-up vs baseline: {r_ours / r_base:.1f}x (target >= 20x)")
+        print(f"time vs read+write:   {t_ours / t_rw:.2f}x (target <= 3x)")
+        if identical is not None:
+            print(f"ours == baseline output on the {sub_size / 1e6:.0f} MB prefix: {identical}")
+
+
+if __name__ == "__main__":
+    main()

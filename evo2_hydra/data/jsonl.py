@@ -1,0 +1,259 @@
+"""Streaming JSONL reading and per-chunk encoding to tokens, with line-numbered problems.
+
+The input is read in newline-aligned chunks of a few MiB. Each chunk is parsed line by line with the
+C JSON parser (one call per document, never per character) and the UTF-8 bytes of all its documents
+are joined into one buffer with a single `b"".join`: an EOD token is just a b"\\x00" piece between
+documents. So a chunk costs a handful of C-level passes over its bytes, and chunks are independent,
+which lets `preprocess` farm them out to worker processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+
+try:  # orjson parses 3-5x faster; the standard library gives the same objects
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from evo2_hydra.errors import UserError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+EOD_PIECE = b"\x00"
+
+
+def is_jsonl(path: str) -> bool:
+    return path.endswith(JSONL_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """Everything that decides the tokens of one document (picklable for worker processes)."""
+
+    text_key: str = "text"
+    append_eod: bool = True
+    max_length: int | None = None  # padded mode: longest document in tokens (= ckpt.context)
+    truncate: bool = False  # cut documents longer than max_length instead of reporting them
+    condition_field: str | None = None
+    condition_tokens: dict[str, str] = field(default_factory=dict)
+    stop_at_first_problem: bool = (
+        True  # data.on_error=fail: nothing after the first problem matters
+    )
+
+
+@dataclass
+class Chunk:
+    path: str
+    data: bytes  # whole lines
+    consumed: int  # input bytes (compressed for .gz) read from the file when this chunk was cut
+
+
+@dataclass
+class EncodedChunk:
+    path: str
+    tokens: bytes  # all documents' token bytes, EOD pieces included, unpadded
+    lengths: np.ndarray  # int64 tokens per document (conditioning token and EOD included)
+    problems: list[tuple[int, str]]  # (0-based line within the chunk, what is wrong)
+    input_bytes: int
+    lines: int  # lines in the chunk (the caller turns chunk-relative line numbers into absolute)
+    truncated: int = 0
+
+
+class _Progress:
+    """File position of the raw (possibly compressed) input, for the progress bar."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _open(path: str) -> tuple[BinaryIO, _Progress]:
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed by iter_chunks
+    except OSError as err:
+        raise UserError(f"{path}: cannot open input ({err.strerror})") from None
+    stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+    return stream, _Progress(raw)
+
+
+def plan_ranges(path: str, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """(start, end) byte ranges of about `chunk_bytes`, each ending just after a newline.
+
+    Only for uncompressed files: worker processes then read their own ranges, so the input never
+    passes through a pipe.
+    """
+    size = input_size(path)
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            end = min(start + chunk_bytes, size)
+            f.seek(end)
+            while end < size:
+                block = f.read(1 << 16)
+                if not block:
+                    end = size
+                    break
+                newline = block.find(b"\n")
+                if newline >= 0:
+                    end += newline + 1
+                    break
+                end += len(block)
+            yield start, end
+            start = end
+
+
+def read_range(path: str, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def iter_chunks(path: str, chunk_bytes: int = 8 << 20) -> Iterator[Chunk]:
+    """Newline-aligned chunks of `path` (streaming: at most ~2 chunks in memory)."""
+    stream, progress = _open(path)
+    carry = b""
+    try:
+        while True:
+            try:
+                block = stream.read(chunk_bytes)
+            except (OSError, EOFError) as err:  # e.g. a truncated or corrupt .gz
+                raise UserError(f"{path}: cannot read input ({err})") from None
+            if not block:
+                if carry:
+                    yield Chunk(path, carry, progress.tell())
+                return
+            data = carry + block if carry else block
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one very long line: keep reading until it ends
+                carry = data
+                continue
+            carry = data[cut:]
+            yield Chunk(path, data[:cut], progress.tell())
+    finally:
+        stream.close()
+        progress.raw.close()
+
+
+def _describe(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
+    """Tokens of every document in `chunk`; bad lines become (line, problem) entries."""
+    pieces: list[bytes] = []
+    lengths: list[int] = []
+    problems: list[tuple[int, str]] = []
+    truncated = 0
+    key = settings.text_key
+    cond_field = settings.condition_field
+    cond_tokens = settings.condition_tokens
+    eod = 1 if settings.append_eod else 0
+    max_length = settings.max_length
+    loads = _loads
+    data = chunk.data
+    view = memoryview(data)  # lines are parsed in place, without copying them out
+    size = len(data)
+    pos = 0
+    i = -1
+    while pos < size:
+        i += 1
+        end = data.find(b"\n", pos)
+        if end < 0:
+            end = size
+        start, pos = pos, end + 1
+        if start == end:
+            continue  # a blank line carries no document
+        problem = None
+        try:
+            obj = loads(view[start:end])
+        except ValueError as err:  # JSONDecodeError and invalid UTF-8
+            if data[start:end].isspace():
+                continue
+            detail = f"{err.msg} at column {err.colno}" if hasattr(err, "colno") else str(err)
+            problem = f"malformed JSON: {detail}"
+        else:
+            if type(obj) is not dict:
+                problem = f"expected a JSON object with a '{key}' key, got a {_describe(obj)}"
+            elif key not in obj:
+                problem = f"no '{key}' key (data.text_key)"
+            else:
+                text = obj[key]
+                if type(text) is not str:
+                    problem = f"'{key}' is a {_describe(text)}, expected a string"
+                elif not text:
+                    problem = f"empty sequence in '{key}'"
+        token = b""
+        if problem is None and cond_field is not None:
+            if cond_field not in obj:
+                problem = f"no '{cond_field}' key (data.condition.field)"
+            else:
+                value = obj[cond_field]
+                name = value if type(value) is str else None
+                if type(value) is int:
+                    name = str(value)
+                mapped = cond_tokens.get(name) if name is not None else None
+                if mapped is None:
+                    known = ", ".join(sorted(cond_tokens)) or "none"
+                    problem = (
+                        f"{cond_field}={value!r} is not in data.condition.tokens (known: {known})"
+                    )
+                else:
+                    token = mapped.encode("utf-8")
+                    if len(token) != 1:
+                        problem = (
+                            f"{cond_field}={value!r} maps to {mapped!r}, which is "
+                            f"{len(token)} bytes; a conditioning token must be one byte"
+                        )
+        if problem is None:
+            try:
+                body = text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                problem = f"'{key}' is not valid Unicode ({err.reason})"
+        if problem is None:
+            length = len(token) + len(body) + eod
+            if max_length is not None and length > max_length:
+                if settings.truncate:
+                    body = body[: max_length - len(token) - eod]
+                    length = max_length
+                    truncated += 1
+                else:
+                    problem = (
+                        f"sequence of {length} tokens (conditioning token and EOD included) is "
+                        f"longer than ckpt.context={max_length} in padded packing; "
+                        f"set data.truncate=true to cut it"
+                    )
+        if problem is not None:
+            problems.append((i, problem))
+            if settings.stop_at_first_problem:
+                break
+            continue
+        if token:
+            pieces.append(token)
+        pieces.append(body)
+        if eod:
+            pieces.append(EOD_PIECE)
+        lengths.append(length)
+    return EncodedChunk(
+        path=chunk.path,
+        tokens=b"".join(pieces),
+        lengths=np.asarray(lengths, dtype=np.int64),
+        problems=problems,
+        input_bytes=size,
+        lines=i + 1,
+        truncated=truncated,
+    )
+
+
+def input_size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0

@@ -1,0 +1,354 @@
+"""JSONL -> savanna BIN/IDX (task=preprocess), byte-identical to savanna's tools/preprocess_data.py.
+
+    python launch.py task=preprocess data.input=IN.jsonl data.output_prefix=PREFIX \
+        data.packing=padded ckpt.context=4096
+
+writes PREFIX_text_CharLevelTokenizer_document.{bin,idx} (padded ⇔ savanna's
+`--enforce-sample-length ckpt.context`, contiguous ⇔ no flag, data.append_eod ⇔ `--append-eod`),
+PREFIX_conditions.json when conditioning tokens are configured, and PREFIX_lengths.png.
+
+Streaming: chunks go through `jsonl.encode_chunk` (in worker processes when that helps) and are
+written in input order; memory holds a few chunks plus 4 bytes per document for the index.
+All outputs are written under temporary names and renamed only when the whole input was good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from evo2_hydra.config import DataConfig, OnError, Packing, RunConfig
+from evo2_hydra.data import tokenizer
+from evo2_hydra.data.indexed import is_indexed_prefix, write_index
+from evo2_hydra.data.jsonl import (
+    EncodeSettings,
+    encode_chunk,
+    input_size,
+    is_jsonl,
+    iter_chunks,
+)
+from evo2_hydra.data.parallel import Encoded, encode_parallel
+from evo2_hydra.errors import UserError
+from evo2_hydra.io_utils import atomic_file, write_text_atomic
+
+log = logging.getLogger("evo2_hydra.data")
+
+CHUNK_BYTES = 1 << 20  # small enough that a chunk's passes stay in the CPU caches
+PAD_BLOCK_TOKENS = 1 << 24  # padded mode widens at most this many tokens at once
+PARALLEL_MIN_BYTES = 48 << 20  # below this, worker start-up costs more than it saves
+MAX_REPORTED_SKIPS = 10
+
+
+def output_prefix_for(output_prefix: str, text_key: str = "text") -> str:
+    """savanna's naming: {prefix}_{jsonl key}_{tokenizer name}_document."""
+    return f"{output_prefix}_{text_key}_{tokenizer.NAME}_document"
+
+
+def conditions_path(output_prefix: str) -> Path:
+    return Path(f"{output_prefix}_conditions.json")
+
+
+def encode_settings(data: DataConfig, context: int) -> EncodeSettings:
+    return EncodeSettings(
+        text_key=data.text_key,
+        append_eod=data.append_eod,
+        max_length=context if data.packing == Packing.padded else None,
+        truncate=data.truncate,
+        condition_field=data.condition.field,
+        condition_tokens={str(k): str(v) for k, v in data.condition.tokens.items()},
+        stop_at_first_problem=data.on_error == OnError.fail,
+    )
+
+
+@dataclass
+class PreprocessSummary:
+    output: str  # the BIN/IDX prefix
+    sequences: int = 0
+    tokens: int = 0  # document tokens (conditioning tokens and EODs included, padding excluded)
+    padded_tokens: int = 0  # PAD tokens added (padded packing)
+    truncated: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    input_bytes: int = 0
+    seconds: float = 0.0
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+
+    def to_dict(self) -> dict:
+        lengths = self.lengths
+        return {
+            "output": self.output,
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "padded_tokens": self.padded_tokens,
+            "truncated": self.truncated,
+            "skipped": self.skipped,
+            "skipped_examples": self.skipped_examples,
+            "length_min": int(lengths.min()) if len(lengths) else 0,
+            "length_median": float(np.median(lengths)) if len(lengths) else 0.0,
+            "length_max": int(lengths.max()) if len(lengths) else 0,
+            "input_bytes": self.input_bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def report(self) -> str:
+        d = self.to_dict()
+        rate = self.input_bytes / max(self.seconds, 1e-9) / 1e6
+        lines = [
+            f"wrote {self.output}.bin/.idx: {d['sequences']} sequences, {d['tokens']} tokens, "
+            f"{d['padded_tokens']} padded tokens ({self.seconds:.2f} s, {rate:.1f} MB/s)",
+            f"length min/median/max: {d['length_min']} / {d['length_median']:g} / "
+            f"{d['length_max']} tokens",
+        ]
+        if len(self.lengths):
+            counts, edges = np.histogram(self.lengths, bins=min(10, max(1, len(self.lengths))))
+            scale = 40 / max(1, counts.max())
+            for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
+                lines.append(f"  {lo:9.0f}-{hi:<9.0f} {c:8d} {'#' * int(round(c * scale))}")
+        if self.truncated:
+            lines.append(f"truncated {self.truncated} sequences to the context")
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} bad lines (data.on_error=skip), e.g.:")
+            lines.extend(f"  {e}" for e in self.skipped_examples)
+        return "\n".join(lines)
+
+
+def _worker_count(workers: int, total_bytes: int) -> int:
+    """data.workers, or with 0: all cores but one (at most 8) for a large input on 4+ cores.
+
+    With fewer cores the main process (reading, widening, writing) competes with the workers
+    and one process is as fast (measured on 2 cores, see benchmarks/bench_preprocess.py).
+    """
+    if workers > 0:
+        return workers
+    cores = os.cpu_count() or 1
+    return 1 if total_bytes < PARALLEL_MIN_BYTES or cores < 4 else min(cores - 1, 8)
+
+
+def _encoded_chunks(inputs: list[str], settings: EncodeSettings, workers: int):
+    """Encoded chunks of all inputs in input order (in worker processes when workers > 1)."""
+    if workers > 1:
+        yield from encode_parallel(inputs, settings, workers, CHUNK_BYTES)
+        return
+    for index, path in enumerate(inputs):
+        for chunk in iter_chunks(path, CHUNK_BYTES):
+            encoded = encode_chunk(chunk, settings)
+            tokens = np.frombuffer(encoded.tokens, dtype=np.uint8)
+            yield Encoded(encoded, tokens, chunk.consumed, index)
+
+
+class BinWriter:
+    """Appends documents to the .bin as uint16, widening through one reused buffer.
+
+    Reusing the buffer matters: a fresh multi-MB array per chunk costs page faults comparable to
+    the widening itself.
+    """
+
+    def __init__(self, file, max_length: int | None):
+        self.file = file
+        self.max_length = max_length
+        self.buffer = np.zeros(0, dtype=tokenizer.DISK_DTYPE)
+        self.padded_tokens = 0
+
+    def _scratch(self, n: int) -> np.ndarray:
+        if len(self.buffer) < n:
+            self.buffer = np.empty(max(n, 2 * len(self.buffer)), dtype=tokenizer.DISK_DTYPE)
+        return self.buffer[:n]
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self.max_length is None:  # contiguous: the documents as they are
+            out = self._scratch(len(tokens))
+            np.copyto(out, tokens)
+            self.file.write(out.data)
+            return
+        width = self.max_length  # padded: one row of exactly max_length per document
+        rows_per_block = max(1, PAD_BLOCK_TOKENS // width)
+        columns = np.arange(width)
+        start = 0
+        for first in range(0, len(lengths), rows_per_block):
+            block = lengths[first : first + rows_per_block]
+            n = int(block.sum())
+            out = self._scratch(len(block) * width).reshape(len(block), width)
+            out.fill(tokenizer.PAD)
+            # Row-major boolean assignment fills each row's first `length` slots in order.
+            out[columns < block[:, None]] = tokens[start : start + n]
+            start += n
+            self.file.write(out.data)
+        self.padded_tokens += len(lengths) * width - len(tokens)
+
+
+def preprocess_jsonl(
+    inputs: list[str],
+    output_prefix: str,
+    settings: EncodeSettings,
+    *,
+    workers: int = 0,
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Encode `inputs` (JSONL, .jsonl.gz) into one BIN/IDX pair at `output_prefix` (+ .bin/.idx)."""
+    if not inputs:
+        raise UserError("data.input: no input files given")
+    for path in inputs:
+        if not Path(path).is_file():
+            raise UserError(f"data.input: {path} does not exist")
+        if not is_jsonl(path):
+            raise UserError(f"data.input: {path} is not a .jsonl / .jsonl.gz file")
+    summary = PreprocessSummary(output=output_prefix)
+    total_bytes = sum(input_size(p) for p in inputs)
+    started = time.perf_counter()
+    lengths_parts: list[np.ndarray] = []
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="preprocess",
+        disable=not progress,
+        mininterval=0.5,
+    )
+    workers = _worker_count(workers, total_bytes)
+    offsets = np.concatenate([[0], np.cumsum([input_size(p) for p in inputs])]).tolist()
+    bin_target = Path(f"{output_prefix}.bin")
+    idx_target = Path(f"{output_prefix}.idx")
+    try:
+        with (
+            atomic_file(bin_target) as bin_tmp,
+            atomic_file(idx_target) as idx_tmp,
+            open(bin_tmp, "wb") as bin_file,
+            contextlib.closing(_encoded_chunks(inputs, settings, workers)) as chunks,
+        ):
+            writer = BinWriter(bin_file, settings.max_length)
+            first_line, current = 1, -1
+            for item in chunks:
+                index, encoded, consumed = item.index, item.chunk, item.consumed
+                if index != current:  # a new input file starts at line 1
+                    first_line, current = 1, index
+                for line, problem in encoded.problems:
+                    where = f"{encoded.path}:{first_line + line}"
+                    if settings.stop_at_first_problem:
+                        raise UserError(f"{where}: {problem}")
+                    summary.skipped += 1
+                    if len(summary.skipped_examples) < MAX_REPORTED_SKIPS:
+                        summary.skipped_examples.append(f"{where}: {problem}")
+                writer.write(item.tokens, encoded.lengths)
+                lengths_parts.append(encoded.lengths)
+                summary.sequences += len(encoded.lengths)
+                summary.tokens += len(item.tokens)
+                del item
+                summary.truncated += encoded.truncated
+                summary.input_bytes += encoded.input_bytes
+                first_line += encoded.lines
+                bar.n = min(offsets[index] + consumed, total_bytes)
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"{summary.sequences / elapsed:,.0f} seq/s", refresh=False)
+                bar.refresh()
+            summary.padded_tokens = writer.padded_tokens
+            if summary.sequences == 0:
+                raise UserError(f"{', '.join(inputs)}: no sequences to write")
+            bin_file.flush()
+            lengths = np.concatenate(lengths_parts)
+            sizes = (
+                np.full(len(lengths), settings.max_length, dtype=np.int64)
+                if settings.max_length is not None
+                else lengths
+            )
+            # One item per document: doc_idx = [0, 1, ..., n] as savanna's builder writes it.
+            write_index(idx_tmp, sizes, np.arange(len(sizes) + 1), tokenizer.DISK_DTYPE)
+    finally:
+        bar.close()
+    summary.lengths = lengths
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def save_conditions(output_prefix: str, field_name: str | None, tokens: dict[str, str]) -> Path:
+    """The class name -> token mapping, next to the data, so generation can prompt by name."""
+    path = conditions_path(output_prefix)
+    text = json.dumps({"field": field_name, "tokens": dict(tokens)}, indent=2, sort_keys=True)
+    write_text_atomic(path, text + "\n")
+    return path
+
+
+def load_conditions(output_prefix: str) -> dict[str, str]:
+    path = conditions_path(output_prefix)
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text())["tokens"])
+
+
+def plot_lengths(lengths: np.ndarray, path: Path, title: str) -> None:
+    """Histogram of document lengths as a PNG (Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(lengths, bins=min(50, max(1, len(np.unique(lengths)))), color="#3b7dd8")
+    ax.set_xlabel("document length (tokens, conditioning token and EOD included)")
+    ax.set_ylabel("documents")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def preprocess_to_prefix(
+    data: DataConfig,
+    inputs: list[str],
+    output_prefix: str,
+    context: int,
+    *,
+    progress: bool = True,
+    plot: bool = True,
+) -> PreprocessSummary:
+    """Preprocess `inputs` into `output_prefix` (the savanna file prefix, without extension)."""
+    settings = encode_settings(data, context)
+    summary = preprocess_jsonl(
+        inputs, output_prefix, settings, workers=data.workers, progress=progress
+    )
+    if data.condition.field is not None:
+        save_conditions(output_prefix, data.condition.field, settings.condition_tokens)
+    if plot:
+        plot_lengths(
+            summary.lengths, Path(f"{output_prefix}_lengths.png"), Path(output_prefix).name
+        )
+    make_readable(output_prefix)
+    return summary
+
+
+def make_readable(output_prefix: str) -> None:
+    """Give the outputs the usual umask permissions (temporary files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(output_prefix).parent.glob(Path(output_prefix).name + "*"):
+        if path.is_file() and not path.name.startswith("."):
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o666 & ~umask)
+
+
+def run_preprocess(run: RunConfig) -> dict:
+    """task=preprocess: data.input (JSONL files) -> data.output_prefix BIN/IDX."""
+    data = run.data
+    inputs = DataConfig.as_list(data.input)
+    if not inputs:
+        raise UserError("data.input: give the JSONL file(s) to preprocess")
+    if data.output_prefix is None:
+        raise UserError("data.output_prefix: give the output prefix (files get _text_...bin/.idx)")
+    for path in inputs:
+        if is_indexed_prefix(path) and not is_jsonl(path):
+            raise UserError(f"data.input: {path} is already a BIN/IDX prefix")
+    prefix = output_prefix_for(data.output_prefix, data.text_key)
+    summary = preprocess_to_prefix(data, inputs, prefix, run.ckpt.context)
+    log.info("%s", summary.report())
+    write_text_atomic(f"{prefix}_summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    make_readable(prefix)
+    return summary.to_dict()
