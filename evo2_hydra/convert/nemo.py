@@ -529,3 +529,128 @@ def nemo_total_bytes(sd: Mapping[str, Tensor], cfg: ModelConfig) -> int:
             n *= s
         total += n * torch.empty(0, dtype=dtype).element_size()
     return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading back (verify=true, tests)
+
+
+def read_torch_dist(weights_dir: Path) -> dict[str, Any]:
+    """Every entry of a torch_dist folder: tensors, and extra-state objects as saved (lists)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(weights_dir))
+    metadata = reader.read_metadata()
+    state: dict[str, Any] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            state[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    objects: dict[str, Any] = {}
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            value.seek(0)
+            objects[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            state[key] = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*assuming the intent is to load in a single process.*"
+        )
+        dcp.load(
+            state, storage_reader=reader, planner=Planner(flatten_state_dict=False), no_dist=True
+        )
+    state.update(objects)
+    return state
+
+
+ZARR_TORCH_DTYPES = {"<f4": torch.float32, "bfloat16": torch.bfloat16, "<f2": torch.float16}
+
+
+def read_zarr_array(folder: Path) -> Tensor:
+    """A single-chunk zarr v2 array as written by `write_zarr_array` (bf16 included)."""
+    meta = json.loads((folder / ".zarray").read_text())
+    dtype = ZARR_TORCH_DTYPES[meta["dtype"]]
+    chunk_name = ".".join("0" for _ in meta["shape"]) or "0"
+    raw = bytearray((folder / chunk_name).read_bytes())
+    return torch.frombuffer(raw, dtype=dtype).reshape(meta["shape"])
+
+
+def read_nemo_weights(weights_dir: Path, fmt: NemoFormat) -> dict[str, Any]:
+    if fmt == NemoFormat.torch_dist:
+        return read_torch_dist(weights_dir)
+    state: dict[str, Any] = {}
+    for zarray in weights_dir.rglob(".zarray"):
+        state[zarray.parent.name] = read_zarr_array(zarray.parent)
+    for shard in weights_dir.glob("*/shard_*.pt"):
+        state[f"{shard.parent.name}/{shard.stem}"] = torch.load(shard, weights_only=True)
+    return state
+
+
+def nemo_to_savanna(weights: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Tensor]:
+    """NeMo weights back to a savanna state dict at context = the stored hcm taps (128).
+
+    What NeMo does not store is rebuilt as NeMo itself would: `inv_freq` from the configured RoPE
+    base, the hcl `t` buffer as arange; the unused savanna norms are left out (optional keys).
+    """
+
+    def get(key: str) -> Tensor:
+        if PREFIX + key not in weights:
+            raise UserError(f"NeMo checkpoint: {PREFIX}{key} is missing")
+        return weights[PREFIX + key]
+
+    out: dict[str, Tensor] = {
+        "sequential.0.word_embeddings.weight": get("embedding.word_embeddings.weight")
+    }
+    taps = cfg.hcm_filter_len
+    for layer, kind in enumerate(cfg.layer_types()):
+        s, d = f"sequential.{block_index(layer)}.", f"decoder.layers.{layer}."
+        if kind == "attention":
+            out[s + "input_layernorm.weight"] = get(
+                d + "self_attention.linear_qkv.layer_norm_weight"
+            )
+            out[s + "mixer.dense_projection.weight"] = get(d + "self_attention.linear_qkv.weight")
+            out[s + "mixer.dense.weight"] = get(d + "self_attention.linear_proj.weight")
+            out[s + "mixer.dense.bias"] = get(d + "self_attention.linear_proj.bias")
+            head_dim = cfg.hidden_size // cfg.num_attention_heads
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+            out[s + "mixer.rotary_emb.inv_freq"] = 1.0 / cfg.rope_base**exponents
+        else:
+            m = d + "mixer."
+            out[s + "input_layernorm.weight"] = get(m + "dense_projection.layer_norm_weight")
+            out[s + "mixer.dense_projection.weight"] = get(m + "dense_projection.weight")
+            out[s + "mixer.hyena_proj_conv.short_conv_weight"] = get(
+                m + "hyena_proj_conv.short_conv_weight"
+            )
+            out[s + "mixer.dense.weight"] = get(m + "dense.weight")
+            out[s + "mixer.dense.bias"] = get(m + "dense.bias")
+            if kind == "hcs":
+                out[s + "mixer.mixer.short_conv.short_conv_weight"] = get(
+                    m + "mixer.short_conv.short_conv_weight"
+                )
+            else:
+                out[s + "mixer.mixer.conv_bias"] = get(m + "mixer.conv_bias")
+            if kind == "hcm":
+                out[s + "mixer.mixer.filter.h"] = get(m + "mixer.filter.h")
+                out[s + "mixer.mixer.filter.decay"] = get(m + "mixer.filter.decay")
+            if kind == "hcl":
+                for name in ("gamma", "R", "p"):
+                    out[s + f"mixer.mixer.filter.{name}"] = get(m + f"mixer.filter.{name}")
+                out[s + "mixer.mixer.filter.t"] = torch.arange(taps, dtype=torch.float32).view(
+                    1, 1, -1
+                )
+        out[s + "pre_mlp_layernorm.weight"] = get(d + "mlp.linear_fc1.layer_norm_weight")
+        fc1 = get(d + "mlp.linear_fc1.weight")
+        out[s + "mlp.w1.weight"], out[s + "mlp.w2.weight"] = fc1.chunk(2, dim=0)
+        out[s + "mlp.w3.weight"] = get(d + "mlp.linear_fc2.weight")
+    out[f"sequential.{final_norm_index(cfg.num_layers)}.norm.weight"] = get(
+        "decoder.final_norm.weight"
+    )
+    return out

@@ -158,13 +158,13 @@ class TorchSaveStream:
         self._finished = True
 
 
-def conversion_progress(total_bytes: int, desc: str) -> tqdm:
-    """One progress bar per conversion, counted in bytes of tensors produced."""
+def conversion_progress(total: int, desc: str, unit: str = "B") -> tqdm:
+    """One progress bar per conversion (on stderr), in bytes of tensors produced or in tensors."""
     return tqdm(
-        total=total_bytes,
+        total=total,
         desc=desc,
-        unit="B",
-        unit_scale=True,
+        unit=unit,
+        unit_scale=unit == "B",
         unit_divisor=1024,
         mininterval=0.5,
         file=sys.stderr,

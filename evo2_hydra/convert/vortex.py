@@ -399,3 +399,15 @@ def vortex_to_savanna(
     stray = [k for k in sd if k not in seen and not k.endswith(ignorable)]
     if stray:
         raise UserError(f"vortex file: unexpected keys {stray[:3]}")
+
+
+def import_vortex_state_dict(state: Mapping[str, Tensor], path: object = None) -> dict[str, Tensor]:
+    """A vortex file's dict -> the savanna `module` dict (hook called by checkpoint/loader.py).
+
+    The context-dependent tensors are 128 wide (the stored hcm taps); checkpoint preparation
+    resizes them to `ckpt.context` like those of any savanna file.
+    """
+    try:
+        return dict(vortex_to_savanna(state))
+    except UserError as err:
+        raise UserError(f"{path}: {err}" if path is not None else str(err)) from None

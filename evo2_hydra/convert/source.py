@@ -1,0 +1,154 @@
+"""What every target needs first: the source's kind, its state dict, and the model it belongs to.
+
+The model comes from the checkpoint's saved run config (`configs/config.yaml`, written next to our
+checkpoints) when there is one; choosing a different `model=` on the command line is then an error.
+Otherwise it comes from the `model` / `ckpt` groups, as in launch.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
+from evo2_hydra.checkpoint.loader import is_vortex_state, load_shards
+from evo2_hydra.checkpoint.mp import merge_mp
+from evo2_hydra.checkpoint.safe_load import safe_load
+from evo2_hydra.config import CkptConfig, ConvertConfig, ModelConfig, check_model_ckpt
+from evo2_hydra.errors import UserError
+
+log = logging.getLogger("evo2_hydra.convert")
+
+
+@dataclass
+class Source:
+    location: CheckpointLocation | None  # None for a vortex file
+    kind: str  # "savanna" | "zero3" | "vortex"
+    shards: list[Mapping[str, Any]]  # one `module` mapping per model-parallel rank
+    model: ModelConfig
+    ckpt: CkptConfig
+    iteration: int
+    args: dict[str, Any]
+    run_config_yaml: str | None
+    path: Path
+
+    def merged(self) -> Mapping[str, Any]:
+        """The MP=1 state dict (memory-mapped views when there is a single shard)."""
+        return self.shards[0] if len(self.shards) == 1 else merge_mp(self.shards)
+
+    def describe(self) -> str:
+        return self.location.describe() if self.location is not None else f"{self.path} (vortex)"
+
+
+def refuse_nemo_source(path: Path) -> None:
+    if (path / "weights" / "metadata.json").is_file() or (path / "context" / "io.json").is_file():
+        raise UserError(
+            f"source={path} is a NeMo2 checkpoint; convert.py reads savanna, ZeRO-3 and vortex "
+            "checkpoints (export to NeMo from the savanna or vortex file instead)"
+        )
+
+
+def _cli_model_choice() -> str | None:
+    """`model=X` if the user chose it on the command line (None outside Hydra or when defaulted)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except Exception:
+        return None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == "model":
+            return value
+    return None
+
+
+def saved_model(run_config_yaml: str, where: str) -> ModelConfig:
+    """The model section of a saved run config, as a validated ModelConfig."""
+    saved = yaml.safe_load(run_config_yaml) or {}
+    section = saved.get("model")
+    if not isinstance(section, dict):
+        raise UserError(f"{where}: the saved run config has no 'model' section")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), section)
+    model: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    chosen = _cli_model_choice()
+    if chosen is not None and chosen != model.name:
+        raise UserError(
+            f"model={chosen} on the command line, but the checkpoint was trained with model={model.name} "
+            f"({where}); drop model= (the saved config is used)"
+        )
+    return model
+
+
+def load_source(conv: ConvertConfig, path: Path) -> Source:
+    """Locate and open the source (memory-mapped), and settle the model it belongs to."""
+    refuse_nemo_source(path)
+    ckpt = dataclasses.replace(conv.ckpt)
+    model = dataclasses.replace(conv.model)
+    if path.is_file():
+        obj = safe_load(path, trust_pickle=conv.ckpt.trust_pickle)
+        if isinstance(obj, dict) and is_vortex_state(obj):
+            from evo2_hydra.convert.vortex import vortex_operator_pattern, vortex_to_savanna
+
+            pattern = vortex_operator_pattern(obj)
+            if pattern != model.operator_pattern:
+                raise UserError(
+                    f"source={path} is a vortex file with operator pattern {pattern} ({len(pattern)} "
+                    f"layers), but model={model.name} has {model.operator_pattern}; choose the matching model="
+                )
+            # The synthetic 128-wide filters of an imported vortex file are no preset's source context.
+            ckpt.source_context = None
+            module = dict(vortex_to_savanna(obj))
+            return Source(None, "vortex", [module], model, ckpt, 1, {}, None, path)
+        del obj
+    location = locate_checkpoint(path)
+    if location.is_zero3:  # gathered lazily, tensor by tensor, while the target writes
+        from evo2_hydra.convert.zero3 import zero3_modules
+
+        shards: list[Mapping[str, Any]] = list(
+            zero3_modules(location, trust_pickle=conv.ckpt.trust_pickle)
+        )
+        first: Mapping[str, Any] = {}
+    else:
+        tops = load_shards(location, trust_pickle=conv.ckpt.trust_pickle)
+        shards, first = [t["module"] for t in tops], tops[0]
+    run_config = None
+    if location.step_dir is not None and (location.step_dir / "configs" / "config.yaml").is_file():
+        run_config = (location.step_dir / "configs" / "config.yaml").read_text()
+    if run_config is not None:
+        model = saved_model(run_config, str(location.step_dir / "configs" / "config.yaml"))
+        # The saved model already carries its preset's patches (MLP width, RoPE scaling); the
+        # command line's preset no longer applies, only ckpt.context (the resize target) does.
+        ckpt = dataclasses.replace(
+            ckpt, model=None, source_context=None, mlp_inner_size=None, rope_scaling_factor=None
+        )
+        check_model_ckpt(model, ckpt)
+        log.info("model: %s, from the checkpoint's saved run config", model.name)
+    iteration = first.get("iteration", location.iteration)
+    iteration = (
+        iteration if isinstance(iteration, int) and iteration >= 1 else (location.iteration or 1)
+    )
+    args = first.get("args") if isinstance(first.get("args"), dict) else {}
+    return Source(
+        location,
+        "zero3" if location.is_zero3 else "savanna",
+        shards,
+        model,
+        ckpt,
+        max(1, iteration),
+        dict(args),
+        run_config,
+        path,
+    )
+
+
+def shapes_of(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}

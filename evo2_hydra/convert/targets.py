@@ -1,0 +1,199 @@
+"""convert.py targets vortex and nemo, and the streaming savanna writer behind target=savanna.
+
+Each target: open the source memory-mapped (`source.py`), check it against the model, write into a
+temporary folder next to `output` tensor by tensor with a progress bar, optionally verify (run the
+fixed probe through source and re-imported result), write `manifest.json`, then rename the folder
+into place. Any error before the rename leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from evo2_hydra.checkpoint.prepare import check_checkpoint
+from evo2_hydra.checkpoint.resize import context_width
+from evo2_hydra.config import ConvertConfig, ModelConfig
+from evo2_hydra.convert import nemo as nemo_format
+from evo2_hydra.convert import vortex as vortex_format
+from evo2_hydra.convert.source import Source, load_source, shapes_of
+from evo2_hydra.convert.stream import (
+    TorchSaveStream,
+    conversion_progress,
+    tensor_nbytes,
+    write_manifest,
+)
+from evo2_hydra.convert.verify import max_logit_difference, should_verify
+from evo2_hydra.errors import UserError
+from evo2_hydra.io_utils import atomic_dir
+
+log = logging.getLogger("evo2_hydra.convert")
+
+
+def checked_state(src: Source) -> Mapping[str, Any]:
+    """The MP=1 source state dict after checking every key and shape against the model."""
+    state = src.merged()
+    pad_to = check_checkpoint(shapes_of(state), src.describe(), src.ckpt, src.model)
+    if pad_to is not None:
+        raise UserError(
+            "ckpt.pad_mlp=true: MLP padding is a target=savanna feature; pad first, then export"
+        )
+    return state
+
+
+def source_bytes(state: Mapping[str, Any]) -> int:
+    return sum(tensor_nbytes(v) for v in state.values() if isinstance(v, Tensor))
+
+
+def _verify(
+    conv: ConvertConfig, src: Source, state: Mapping[str, Any], reimport, *, fold_hcm=False
+):
+    if not should_verify(conv.verify, src.model):
+        return None
+    return max_logit_difference(state, reimport(), src.model, fold_hcm=fold_hcm)
+
+
+# ------------------------------------------------------------------------------------------------
+# vortex
+
+
+def write_vortex_file(path: Path, state: Mapping[str, Any], cfg: ModelConfig, progress) -> dict:
+    written = {}
+    with TorchSaveStream(path) as out:
+        refs = {}
+        for key, tensor in vortex_format.savanna_to_vortex(state, cfg):
+            refs[key] = out.add(tensor)
+            written[key] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+            progress.update(tensor_nbytes(tensor))
+        out.finish(refs)  # a flat dict: the vortex file format (vortex.md §2.1)
+    return written
+
+
+def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    src = load_source(conv, source)
+    if src.kind == "vortex":
+        raise UserError(
+            f"source={source} is already a vortex file; target=vortex would only copy it "
+            "(target=savanna imports it for finetuning)"
+        )
+    state = checked_state(src)
+    cfg = src.model
+    width = context_width(shapes_of(state), src.describe()) or cfg.hcm_filter_len
+    with atomic_dir(output, overwrite=conv.overwrite) as tmp:
+        pt, config = tmp / f"{cfg.name}.pt", tmp / f"{cfg.name}.yml"
+        progress = conversion_progress(source_bytes(state), "vortex")
+        with progress:
+            written = write_vortex_file(pt, state, cfg, progress)
+        config.write_text(vortex_format.vortex_config_yaml(cfg, cfg.max_context))
+
+        def reimport():
+            vortex_state = torch.load(pt, map_location="cpu", mmap=True, weights_only=True)
+            return dict(vortex_format.vortex_to_savanna(vortex_state, context=width))
+
+        diff = _verify(conv, src, state, reimport, fold_hcm=True)
+        write_manifest(
+            tmp,
+            source=src.describe(),
+            target="vortex",
+            tensors=written,
+            extra={"model": cfg.name, "verify_max_logit_diff": diff},
+        )
+    log.info("vortex: wrote %s and %s", output / pt.name, output / config.name)
+    return output
+
+
+# ------------------------------------------------------------------------------------------------
+# nemo
+
+
+def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    src = load_source(conv, source)
+    state = checked_state(src)
+    cfg = src.model
+    with atomic_dir(output, overwrite=conv.overwrite) as tmp:
+        progress = conversion_progress(
+            nemo_format.nemo_total_bytes(state, cfg), f"nemo ({conv.nemo.format.value})"
+        )
+        with progress:
+            written = nemo_format.write_nemo_checkpoint(
+                tmp,
+                state,
+                cfg,
+                fmt=conv.nemo.format,
+                model_size=conv.nemo.model_size,
+                context=conv.ckpt.context,
+                on_tensor=lambda t: progress.update(tensor_nbytes(t)),
+            )
+
+        def reimport():
+            weights = nemo_format.read_nemo_weights(tmp / "weights", conv.nemo.format)
+            return nemo_format.nemo_to_savanna(weights, cfg)
+
+        diff = _verify(conv, src, state, reimport)
+        write_manifest(
+            tmp,
+            source=src.describe(),
+            target=f"nemo/{conv.nemo.format.value}",
+            tensors=written,
+            extra={"model": cfg.name, "verify_max_logit_diff": diff},
+        )
+    log.info("nemo: wrote %s (%s)", output, conv.nemo.format.value)
+    return output
+
+
+# ------------------------------------------------------------------------------------------------
+# savanna
+
+
+def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    """Re-save as savanna: MP merge/split (`savanna.mp`), resize to `ckpt.context`, dtype cast.
+
+    Sources: savanna files (any MP), ZeRO-3 folders (gathered to full fp32 tensors), vortex files
+    (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`.
+    """
+    from evo2_hydra.checkpoint.loader import load_module_state_dict
+    from evo2_hydra.convert.reshard import CAST_DTYPES, check_mp_size, write_savanna_dir
+
+    src = load_source(conv, source)
+    cfg = src.model
+    mp_out = conv.savanna.mp or len(src.shards)
+    check_mp_size(cfg, mp_out)
+    state = src.merged()
+    pad_to = check_checkpoint(shapes_of(state), src.describe(), src.ckpt, cfg)
+    log.info(
+        "savanna: %s -> %s (MP %d -> %d, context -> %d, dtype %s)",
+        src.describe(), output, len(src.shards), mp_out, conv.ckpt.context, conv.savanna.dtype.value,
+    )  # fmt: skip
+    with atomic_dir(output, overwrite=conv.overwrite) as tmp:
+        written = write_savanna_dir(
+            tmp,
+            src.shards,
+            mp_out=mp_out,
+            iteration=src.iteration,
+            context=conv.ckpt.context,
+            pad_to=pad_to,
+            dtype=CAST_DTYPES.get(conv.savanna.dtype),
+            interleave_legacy=conv.ckpt.interleave_legacy,
+            args=src.args,
+            run_config_yaml=src.run_config_yaml,
+            desc=f"savanna (MP {mp_out})",
+        )
+
+        def reimport():
+            return load_module_state_dict(tmp)[0]
+
+        diff = _verify(conv, src, state, reimport)
+        write_manifest(
+            tmp,
+            source=src.describe(),
+            target=f"savanna/mp{mp_out}",
+            tensors=written,
+            extra={"model": cfg.name, "verify_max_logit_diff": diff},
+            digest=False,  # global_stepN/manifest.json already holds every tensor's CRC32
+        )
+    return output
