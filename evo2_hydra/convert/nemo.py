@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,45 +144,56 @@ def _cast(key: str, tensor: Tensor) -> Tensor:
     return tensor.to(dtype)
 
 
+def _taps(tensor: Tensor, taps: int) -> Tensor:
+    """hcm `h`/`decay` cut (or zero-padded) to `taps` columns: NeMo stores exactly the used taps."""
+    if tensor.shape[1] >= taps:
+        return tensor[:, :taps]
+    return torch.nn.functional.pad(tensor, (0, taps - tensor.shape[1]))
+
+
 def savanna_to_nemo(
-    sd: Mapping[str, Tensor], cfg: ModelConfig, hcm_taps: int = 128
+    sd: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    hcm_taps: int = 128,
 ) -> Iterator[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]]:
-    """Yield `(nemo key, (shape, dtype), producer)`; the tensor is made only when `producer()` runs."""
+    """Yield `(nemo key, (shape, dtype), producer)`; `sd` is read only when `producer()` runs.
 
-    def need(key: str) -> Tensor:
-        if key not in sd:
+    `shapes` are the source's (MP=1) shapes, so planning reads no tensor data.
+    """
+
+    def need(key: str) -> tuple[int, ...]:
+        if key not in shapes:
             raise UserError(f"savanna state dict: {key} is missing (model={cfg.name})")
-        return sd[key]
+        return tuple(shapes[key])
 
-    def entry(key: str, make: Callable[[], Tensor], shape: tuple[int, ...]):
+    def entry(key: str, shape: tuple[int, ...], make: Callable[[], Tensor]):
         dtype = torch.float32 if key.endswith(FP32_SUFFIXES) else torch.bfloat16
         return PREFIX + key, (shape, dtype), lambda: _cast(key, make())
 
     def copy(dst: str, src: str):
-        tensor = need(src)
-        return entry(dst, lambda: tensor, tuple(tensor.shape))
+        return entry(dst, need(src), lambda: sd[src])
 
     yield copy("embedding.word_embeddings.weight", "sequential.0.word_embeddings.weight")
     for layer, kind in enumerate(cfg.layer_types()):
         s = f"sequential.{block_index(layer)}."
         d = f"decoder.layers.{layer}."
-        w1, w2 = need(s + "mlp.w1.weight"), need(s + "mlp.w2.weight")
         if kind == "attention":
-            yield copy(
-                d + "self_attention.linear_qkv.layer_norm_weight", s + "input_layernorm.weight"
-            )
-            yield copy(d + "self_attention.linear_qkv.weight", s + "mixer.dense_projection.weight")
-            yield copy(d + "self_attention.linear_proj.weight", s + "mixer.dense.weight")
-            yield copy(d + "self_attention.linear_proj.bias", s + "mixer.dense.bias")
+            a = d + "self_attention."
+            yield copy(a + "linear_qkv.layer_norm_weight", s + "input_layernorm.weight")
+            yield copy(a + "linear_qkv.weight", s + "mixer.dense_projection.weight")
+            yield copy(a + "linear_proj.weight", s + "mixer.dense.weight")
+            yield copy(a + "linear_proj.bias", s + "mixer.dense.bias")
         else:
             m = d + "mixer."
             yield copy(m + "dense_projection.layer_norm_weight", s + "input_layernorm.weight")
             yield copy(m + "dense_projection.weight", s + "mixer.dense_projection.weight")
-            conv = need(s + "mixer.hyena_proj_conv.short_conv_weight")
-            yield entry(
+            conv_key = s + "mixer.hyena_proj_conv.short_conv_weight"
+            conv = need(conv_key)
+            yield entry(  # fast_conv_proj layout: 2-D [3H, 3]
                 m + "hyena_proj_conv.short_conv_weight",
-                lambda c=conv: c.reshape(c.shape[0], -1),
-                (conv.shape[0], conv.numel() // conv.shape[0]),
+                (conv[0], math.prod(conv[1:])),
+                lambda k=conv_key: sd[k].reshape(sd[k].shape[0], -1),
             )
             yield copy(m + "dense.weight", s + "mixer.dense.weight")
             yield copy(m + "dense.bias", s + "mixer.dense.bias")
@@ -194,25 +206,23 @@ def savanna_to_nemo(
                 yield copy(m + "mixer.conv_bias", s + "mixer.mixer.conv_bias")
             if kind == "hcm":
                 for name in ("h", "decay"):
-                    full = need(s + f"mixer.mixer.filter.{name}")
-                    if full.shape[1] < hcm_taps:
-                        raise UserError(
-                            f"{s}mixer.mixer.filter.{name} is {full.shape[1]} wide; NeMo needs "
-                            f"{hcm_taps} taps (convert from a checkpoint of context >= {hcm_taps})"
-                        )
+                    key = s + f"mixer.mixer.filter.{name}"
                     yield entry(
                         m + f"mixer.filter.{name}",
-                        lambda f=full: f[:, :hcm_taps],
-                        (full.shape[0], hcm_taps),
+                        (need(key)[0], hcm_taps),
+                        lambda k=key: _taps(sd[k], hcm_taps),
                     )
             if kind == "hcl":
                 for name in ("gamma", "R", "p"):
                     yield copy(m + f"mixer.filter.{name}", s + f"mixer.mixer.filter.{name}")
         yield copy(d + "mlp.linear_fc1.layer_norm_weight", s + "pre_mlp_layernorm.weight")
+        w1, w2 = need(s + "mlp.w1.weight"), need(s + "mlp.w2.weight")
         yield entry(
             d + "mlp.linear_fc1.weight",
-            lambda a=w1, b=w2: torch.cat([a, b], dim=0),  # GLU gate (w1) first
-            (w1.shape[0] + w2.shape[0], w1.shape[1]),
+            (w1[0] + w2[0], w1[1]),
+            lambda k=s: torch.cat(
+                [sd[k + "mlp.w1.weight"], sd[k + "mlp.w2.weight"]], dim=0
+            ),  # gate first
         )
         yield copy(d + "mlp.linear_fc2.weight", s + "mlp.w3.weight")
     yield copy(
@@ -497,6 +507,7 @@ def write_nemo_checkpoint(
     out_dir: Path,
     sd: Mapping[str, Tensor],
     cfg: ModelConfig,
+    shapes: Mapping[str, tuple[int, ...]],
     *,
     fmt: NemoFormat,
     model_size: str | None,
@@ -505,7 +516,7 @@ def write_nemo_checkpoint(
 ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Write the NeMo2 folder into `out_dir` (already created, empty); return key -> (shape, dtype)."""
     size_name = resolve_model_size(model_size, cfg)
-    entries = list(savanna_to_nemo(sd, cfg, cfg.hcm_filter_len))
+    entries = list(savanna_to_nemo(sd, cfg, shapes, cfg.hcm_filter_len))
     extra_keys = extra_state_keys(cfg)
     (out_dir / "context").mkdir()
     (out_dir / "context" / "io.json").write_text(
@@ -521,9 +532,9 @@ def write_nemo_checkpoint(
     return {key: (shape, str(dtype).removeprefix("torch.")) for key, (shape, dtype), _ in entries}
 
 
-def nemo_total_bytes(sd: Mapping[str, Tensor], cfg: ModelConfig) -> int:
+def nemo_total_bytes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> int:
     total = 0
-    for _, (shape, dtype), _ in savanna_to_nemo(sd, cfg, cfg.hcm_filter_len):
+    for _, (shape, dtype), _ in savanna_to_nemo({}, cfg, shapes, cfg.hcm_filter_len):
         n = 1
         for s in shape:
             n *= s

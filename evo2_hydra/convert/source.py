@@ -20,7 +20,7 @@ from torch import Tensor
 
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.loader import is_vortex_state, load_shards
-from evo2_hydra.checkpoint.mp import merge_mp
+from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.config import CkptConfig, ConvertConfig, ModelConfig, check_model_ckpt
 from evo2_hydra.errors import UserError
@@ -41,11 +41,32 @@ class Source:
     path: Path
 
     def merged(self) -> Mapping[str, Any]:
-        """The MP=1 state dict (memory-mapped views when there is a single shard)."""
-        return self.shards[0] if len(self.shards) == 1 else merge_mp(self.shards)
+        """The MP=1 state dict, lazily: each access concatenates that one key's shards."""
+        return self.shards[0] if len(self.shards) == 1 else MergedModule(self.shards)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """MP=1 shapes without reading tensor data."""
+        per_shard = [s.shapes() if hasattr(s, "shapes") else shapes_of(s) for s in self.shards]
+        return merged_shapes(per_shard)
 
     def describe(self) -> str:
         return self.location.describe() if self.location is not None else f"{self.path} (vortex)"
+
+
+class MergedModule(Mapping):
+    """MP shards seen as one MP=1 state dict; a key's shards are concatenated when it is read."""
+
+    def __init__(self, shards: list[Mapping[str, Any]]) -> None:
+        self.shards = shards
+
+    def __getitem__(self, key: str) -> Any:
+        return merge_mp([{key: s[key]} for s in self.shards])[key]
+
+    def __iter__(self):
+        return iter(self.shards[0])
+
+    def __len__(self) -> int:
+        return len(self.shards[0])
 
 
 def refuse_nemo_source(path: Path) -> None:

@@ -9,6 +9,7 @@ into place. Any error before the rename leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from evo2_hydra.checkpoint.resize import context_width
 from evo2_hydra.config import ConvertConfig, ModelConfig
 from evo2_hydra.convert import nemo as nemo_format
 from evo2_hydra.convert import vortex as vortex_format
-from evo2_hydra.convert.source import Source, load_source, shapes_of
+from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.stream import (
     TorchSaveStream,
     conversion_progress,
@@ -38,7 +39,7 @@ log = logging.getLogger("evo2_hydra.convert")
 def checked_state(src: Source) -> Mapping[str, Any]:
     """The MP=1 source state dict after checking every key and shape against the model."""
     state = src.merged()
-    pad_to = check_checkpoint(shapes_of(state), src.describe(), src.ckpt, src.model)
+    pad_to = check_checkpoint(src.shapes(), src.describe(), src.ckpt, src.model)
     if pad_to is not None:
         raise UserError(
             "ckpt.pad_mlp=true: MLP padding is a target=savanna feature; pad first, then export"
@@ -46,8 +47,16 @@ def checked_state(src: Source) -> Mapping[str, Any]:
     return state
 
 
-def source_bytes(state: Mapping[str, Any]) -> int:
-    return sum(tensor_nbytes(v) for v in state.values() if isinstance(v, Tensor))
+def source_bytes(src: Source) -> int:
+    """Bytes of the source tensors at their stored dtypes (the progress bar's scale)."""
+    sizes = {torch.float32: 4, torch.bfloat16: 2}
+    first = src.shards[0]
+    total = 0
+    for key, shape in src.shapes().items():
+        value = first[key] if not hasattr(first, "shapes") else None
+        size = value.element_size() if isinstance(value, Tensor) else sizes[torch.float32]
+        total += math.prod(shape) * size
+    return total
 
 
 def _verify(
@@ -83,10 +92,10 @@ def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
         )
     state = checked_state(src)
     cfg = src.model
-    width = context_width(shapes_of(state), src.describe()) or cfg.hcm_filter_len
+    width = context_width(src.shapes(), src.describe()) or cfg.hcm_filter_len
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         pt, config = tmp / f"{cfg.name}.pt", tmp / f"{cfg.name}.yml"
-        progress = conversion_progress(source_bytes(state), "vortex")
+        progress = conversion_progress(source_bytes(src), "vortex")
         with progress:
             written = write_vortex_file(pt, state, cfg, progress)
         config.write_text(vortex_format.vortex_config_yaml(cfg, cfg.max_context))
@@ -117,13 +126,14 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
     cfg = src.model
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         progress = conversion_progress(
-            nemo_format.nemo_total_bytes(state, cfg), f"nemo ({conv.nemo.format.value})"
+            nemo_format.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
         )
         with progress:
             written = nemo_format.write_nemo_checkpoint(
                 tmp,
                 state,
                 cfg,
+                src.shapes(),
                 fmt=conv.nemo.format,
                 model_size=conv.nemo.model_size,
                 context=conv.ckpt.context,
@@ -150,6 +160,16 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
 # savanna
 
 
+def described_config(conv: ConvertConfig, cfg: ModelConfig) -> str:
+    """`configs/config.yaml` for a source without one: this conversion's config, resolved model."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    resolved = dataclasses.replace(conv, model=cfg, output_dir=str(conv.output))
+    return OmegaConf.to_yaml(OmegaConf.structured(resolved))
+
+
 def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -> Path:
     """Re-save as savanna: MP merge/split (`savanna.mp`), resize to `ckpt.context`, dtype cast.
 
@@ -161,10 +181,10 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
 
     src = load_source(conv, source)
     cfg = src.model
+    state = src.merged()
+    pad_to = check_checkpoint(src.shapes(), src.describe(), src.ckpt, cfg)
     mp_out = conv.savanna.mp or len(src.shards)
     check_mp_size(cfg, mp_out)
-    state = src.merged()
-    pad_to = check_checkpoint(shapes_of(state), src.describe(), src.ckpt, cfg)
     log.info(
         "savanna: %s -> %s (MP %d -> %d, context -> %d, dtype %s)",
         src.describe(), output, len(src.shards), mp_out, conv.ckpt.context, conv.savanna.dtype.value,
@@ -180,7 +200,7 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
             dtype=CAST_DTYPES.get(conv.savanna.dtype),
             interleave_legacy=conv.ckpt.interleave_legacy,
             args=src.args,
-            run_config_yaml=src.run_config_yaml,
+            run_config_yaml=src.run_config_yaml or described_config(conv, cfg),
             desc=f"savanna (MP {mp_out})",
         )
 

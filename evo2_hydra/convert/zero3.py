@@ -169,6 +169,19 @@ class Zero3Module(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full shapes without gathering anything."""
+        out = {}
+        for name in self._names:
+            source = self._shared.get(name, name)
+            if source in self._index:
+                out[name] = tuple(self._index[source][2])
+            elif source in self._frozen:
+                out[name] = tuple(self._frozen[source].shape)
+            elif isinstance(self._module.get(source), Tensor):
+                out[name] = tuple(self._module[source].shape)
+        return out
+
     def __len__(self) -> int:
         return len(self._names)
 
