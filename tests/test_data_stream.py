@@ -186,6 +186,10 @@ def test_split_and_eval_batches(corpus):
     firsts = sorted(int(b["input_ids"][i, 2]) - 48 for b in evals for i in range(2))
     assert firsts == [4, 5, 6, 7, 8, 9]  # documents 024..029 ("0" "2" "4".."9" at column 2)
     assert build_eval_batches(data, prepared, 48, 2, 0, 1, seed=1, split="test") == []
+    # contiguous: 6 short validation documents hold fewer tokens than one 400-token window
+    data = config(tmp, Packing.contiguous, split="8,2,0")
+    prepared = prepare_data(data, 400, data.cache_dir)
+    assert build_eval_batches(data, prepared, 400, 2, 0, 1, seed=1) == []
 
 
 def test_blended_inputs_with_weights(tmp_path):

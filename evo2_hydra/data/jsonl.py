@@ -193,7 +193,10 @@ def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
         token = b""
         if problem is None and cond_field is not None:
             if cond_field not in obj:
-                problem = f"no '{cond_field}' key (data.condition.field)"
+                problem = (
+                    f"no '{cond_field}' key (data.condition.field; "
+                    f"data.condition.field=null uses sequences as they are)"
+                )
             else:
                 value = obj[cond_field]
                 name = value if type(value) is str else None

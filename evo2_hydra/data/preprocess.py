@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,28 +147,43 @@ def _encoded_chunks(inputs: list[str], settings: EncodeSettings, workers: int):
 
 
 class BinWriter:
-    """Appends documents to the .bin as uint16, widening through one reused buffer.
+    """Appends documents to the .bin as uint16, writing in a background thread.
 
-    Reusing the buffer matters: a fresh multi-MB array per chunk costs page faults comparable to
-    the widening itself.
+    The write system call releases the GIL, so copying the previous chunk into the page cache
+    overlaps with parsing the next one. Widening goes through a small ring of reused buffers (a
+    fresh multi-MB array per chunk costs page faults comparable to the widening itself); a buffer
+    is refilled only after its write finished.
     """
+
+    RING = 3
 
     def __init__(self, file, max_length: int | None):
         self.file = file
         self.max_length = max_length
-        self.buffer = np.zeros(0, dtype=tokenizer.DISK_DTYPE)
+        self.buffers = [np.zeros(0, dtype=tokenizer.DISK_DTYPE) for _ in range(self.RING)]
+        self.turn = 0
+        self.pending: deque = deque()
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="bin-writer")
         self.padded_tokens = 0
 
     def _scratch(self, n: int) -> np.ndarray:
-        if len(self.buffer) < n:
-            self.buffer = np.empty(max(n, 2 * len(self.buffer)), dtype=tokenizer.DISK_DTYPE)
-        return self.buffer[:n]
+        while len(self.pending) >= self.RING - 1:  # the buffer we are about to fill is free
+            self.pending.popleft().result()
+        buffer = self.buffers[self.turn]
+        if len(buffer) < n:
+            buffer = np.empty(max(n, 2 * len(buffer)), dtype=tokenizer.DISK_DTYPE)
+            self.buffers[self.turn] = buffer
+        return buffer[:n]
+
+    def _submit(self, out: np.ndarray) -> None:
+        self.pending.append(self.thread.submit(self.file.write, out.data))
+        self.turn = (self.turn + 1) % self.RING
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         if self.max_length is None:  # contiguous: the documents as they are
             out = self._scratch(len(tokens))
             np.copyto(out, tokens)
-            self.file.write(out.data)
+            self._submit(out)
             return
         width = self.max_length  # padded: one row of exactly max_length per document
         rows_per_block = max(1, PAD_BLOCK_TOKENS // width)
@@ -180,8 +197,16 @@ class BinWriter:
             # Row-major boolean assignment fills each row's first `length` slots in order.
             out[columns < block[:, None]] = tokens[start : start + n]
             start += n
-            self.file.write(out.data)
+            self._submit(out)
         self.padded_tokens += len(lengths) * width - len(tokens)
+
+    def close(self) -> None:
+        """Wait for every write (re-raising a failed one) and stop the thread."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.thread.shutdown(wait=True)
 
 
 def preprocess_jsonl(
@@ -249,6 +274,7 @@ def preprocess_jsonl(
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix_str(f"{summary.sequences / elapsed:,.0f} seq/s", refresh=False)
                 bar.refresh()
+            writer.close()  # all chunks written before the index
             summary.padded_tokens = writer.padded_tokens
             if summary.sequences == 0:
                 raise UserError(f"{', '.join(inputs)}: no sequences to write")

@@ -9,6 +9,7 @@ is a pure function of (seed, rank, world_size, step): resuming at `start_step` s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,6 +21,8 @@ from evo2_hydra.data.indexed import MMapIndexedDataset
 from evo2_hydra.data.loss import loss_mask_and_weights, upper_case
 from evo2_hydra.data.prepare import DatasetSpec, PreparedData
 from evo2_hydra.errors import UserError
+
+log = logging.getLogger("evo2_hydra.data")
 
 
 class SampleSource:
@@ -136,13 +139,20 @@ def build_eval_batches(
     """A fixed list of `split` batches for `rank` (the same every call).
 
     `num_batches` None = one pass over the split (at least one batch; samples wrap around).
-    An empty split gives [].
+    An empty split, or one with too few tokens for a sample, gives [] (with a warning).
     """
     _check(micro_batch_size, rank, world_size, 0)
     specs = getattr(prepared, split)
-    if not specs:
+    usable = []
+    for spec in specs:  # a split too small for one sample is skipped, not fatal mid-run
+        try:
+            SampleSource(data, [spec], context, seed, split, prepared.index_dir)
+            usable.append(spec)
+        except UserError as err:
+            log.warning("data: no %s batches from %s: %s", split, spec.prefix, err)
+    if not usable:
         return []
-    source = SampleSource(data, specs, context, seed, split, prepared.index_dir)
+    source = SampleSource(data, usable, context, seed, split, prepared.index_dir)
     if num_batches is None:
         num_batches = max(1, source.samples_per_epoch // (micro_batch_size * world_size))
     return [
