@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +87,38 @@ def check_checkpoint(
     return pad_to
 
 
+def fit_to_model(module: Mapping[str, Any], model: ModelConfig, context: int) -> dict[str, Any]:
+    """Exactly the model's keys, so a strict `load_state_dict` (DeepSpeed's default) accepts it.
+
+    Drops the named ignore list (TransformerEngine `_extra_state`: we run no TE) and adds the unused
+    norms savanna never applies when the file lacks them (as ones, like a fresh savanna model).
+    """
+    from evo2_hydra.model import IGNORED_SUFFIXES, OPTIONAL_SUFFIXES, expected_state_dict_shapes
+
+    expected = expected_state_dict_shapes(model, context)
+    out = {k: v for k, v in module.items() if not k.endswith(IGNORED_SUFFIXES)}
+    norm_dtype = next((v.dtype for k, v in out.items() if k.endswith("norm.weight")), torch.float32)
+    for key, shape in expected.items():
+        if key not in out and key.endswith(OPTIONAL_SUFFIXES):
+            out[key] = torch.ones(shape, dtype=norm_dtype)
+    dropped = sum(k.endswith(IGNORED_SUFFIXES) for k in module)
+    if dropped:
+        log.info("base checkpoint: dropped %d TransformerEngine _extra_state entries", dropped)
+    return {k: out[k] for k in expected if k in out}  # model order; check_checkpoint ran before
+
+
 def _transform(
     module: Mapping[str, Any],
     context: int,
     *,
     pad_to: int | None,
     allocator: ScratchAllocator,
+    fit: Callable[[Mapping[str, Any]], dict[str, Any]] | None,
 ) -> dict[str, Any]:
     if pad_to is not None:
         module = pad_mlp(module, pad_to)
-    return resize_module(module, context, allocator)
+    out = resize_module(module, context, allocator)
+    return fit(out) if fit is not None else out
 
 
 def resize_to_dir(
@@ -111,6 +133,7 @@ def resize_to_dir(
     overwrite: bool = False,
     run_config_yaml: str | None = None,
     extra_files: Mapping[str, str] | None = None,
+    fit: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> Path:
     """Write `shards` (top-level dicts, one per MP rank) resized to `context` as a savanna save folder.
 
@@ -137,7 +160,7 @@ def resize_to_dir(
             if pad_to is not None and mp > 1:
                 raise UserError("MLP padding needs an MP=1 result (the pad goes at the end of F)")
             for rank, module in enumerate(modules):
-                out = _transform(module, context, pad_to=pad_to, allocator=allocator)
+                out = _transform(module, context, pad_to=pad_to, allocator=allocator, fit=fit)
                 payload = model_state_payload(out, iteration=iteration, mp=mp, extra={"args": args})
                 torch.save(payload, step_tmp / mp_file_name(rank))
                 del out, payload, module
@@ -224,6 +247,7 @@ def prepare_base_checkpoint(
         pad_to=pad_to,
         overwrite=True,
         extra_files={PREPARED_MARKER: marker},
+        fit=lambda module: fit_to_model(module, model, ckpt.context),
     )
     return out_dir
 

@@ -92,6 +92,15 @@ def _deepspeed_globals(names: list[str]) -> list[Any]:
     return found
 
 
+def _detail(text: str) -> str:
+    """The informative line of torch's multi-line weights_only error (not its generic preamble)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line or "global" in line:
+            return line
+    return lines[0] if lines else "unreadable"
+
+
 def _unreadable(path: Path, err: BaseException) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {first}")
@@ -99,10 +108,19 @@ def _unreadable(path: Path, err: BaseException) -> UserError:
 
 def _unsafe_globals(path: Path) -> list[str]:
     """Globals the file's pickle names that torch's weights_only loader does not allow by default."""
+    if not zipfile.is_zipfile(path):
+        return []  # legacy or broken file: torch.load below refuses or explains it
     try:
         with open(path, "rb") as fh:
             return torch.serialization.get_unsafe_globals_in_checkpoint(fh)
-    except (RuntimeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as err:
+    except (
+        RuntimeError,
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        EOFError,
+    ) as err:
         raise _unreadable(path, err) from err
 
 
@@ -143,10 +161,14 @@ def _torch_load(path: Path, *, mmap: bool, weights_only: bool, allow: list[Any])
         with torch.serialization.safe_globals(allow):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        # The pre-check above should have caught it; keep the one-line contract anyway.
-        first = str(err).strip().splitlines()[0]
+        detail = _detail(str(err))
+        if "global" not in detail.lower():
+            raise UserError(
+                f"{path}: not a readable torch checkpoint (truncated or corrupt?): {detail}"
+            ) from err
+        # Legacy (non-zip) files skip the pre-check above; name what was refused.
         raise UserError(
-            f"{path}: refused to load ({first}); set ckpt.trust_pickle=true only if you trust it"
+            f"{path}: refused to load ({detail}); set ckpt.trust_pickle=true only if you trust it"
         ) from err
     except RuntimeError as err:
         if mmap and "mmap" in str(err) and "zipfile" in str(err):
