@@ -243,7 +243,7 @@ class DataConfig:
     input: Any = None
     valid_input: Any = None  # validation input(s); None = carve it out of `input` with `split`
     test_input: Any = None
-    weights: list[float] | None = None  # blending weights, one per training input
+    weights: list[float] | None = None  # blending weights, one per training input; None = by size
     split: str = "969,30,1"  # train,valid,test document split when no valid_input is given
     output_prefix: str | None = None  # task=preprocess: where the .bin/.idx go
     packing: Packing = Packing.padded
@@ -255,11 +255,12 @@ class DataConfig:
     to_upper: ToUpper = ToUpper.normalized_weighted
     lowercase_weight: float = 0.1  # loss weight of lowercase labels (to_upper weighted modes)
     mask_control_tags: bool = True  # drop phylogenetic tag spans from the loss (savanna §5.3)
-    eod_mask_loss: bool = False  # savanna-style input-side masks (contiguous mode)
-    pad_mask_loss: bool = False
-    workers: int = 0  # preprocessing processes; 0 = one per core
+    eod_mask_loss: bool = False  # savanna's input-side masks: drop positions whose input is EOD
+    pad_mask_loss: bool = False  # ... or PAD (padded mode masks PAD labels regardless)
+    # Preprocessing processes; 0 = automatic (cores - 1, at most 8, for inputs over 48 MB on 4+ cores).
+    workers: int = 0
     cache_dir: str = "${paths.cache_dir}/data"  # preprocessed data, keyed by a content hash
-    seed: int = 1234  # GPT-style index shuffling seed
+    seed: int = 1234  # sample shuffling seed (pass it as build_train_stream's seed)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lowercase_weight <= 1.0:

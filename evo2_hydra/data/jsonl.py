@@ -9,7 +9,10 @@ which lets `preprocess` farm them out to worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import queue
+import threading
 
 try:  # orjson parses 3-5x faster; the standard library gives the same objects
     from orjson import loads as _loads
@@ -140,6 +143,46 @@ def iter_chunks(path: str, chunk_bytes: int = 8 << 20) -> Iterator[Chunk]:
     finally:
         stream.close()
         progress.raw.close()
+
+
+def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
+    """Read ahead in a background thread (file reads and zlib release the GIL, so reading the
+    next chunk overlaps with encoding this one). Errors surface in the consumer."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        items.put(chunk, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            items.put(err)
+
+    thread = threading.Thread(target=produce, name="jsonl-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                items.get_nowait()
+            thread.join(timeout=0.05)
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _describe(value) -> str:

@@ -36,6 +36,7 @@ from evo2_hydra.data.jsonl import (
     input_size,
     is_jsonl,
     iter_chunks,
+    prefetch,
 )
 from evo2_hydra.data.parallel import Encoded, encode_parallel
 from evo2_hydra.errors import UserError
@@ -140,7 +141,7 @@ def _encoded_chunks(inputs: list[str], settings: EncodeSettings, workers: int):
         yield from encode_parallel(inputs, settings, workers, CHUNK_BYTES)
         return
     for index, path in enumerate(inputs):
-        for chunk in iter_chunks(path, CHUNK_BYTES):
+        for chunk in prefetch(iter_chunks(path, CHUNK_BYTES)):
             encoded = encode_chunk(chunk, settings)
             tokens = np.frombuffer(encoded.tokens, dtype=np.uint8)
             yield Encoded(encoded, tokens, chunk.consumed, index)
@@ -248,8 +249,8 @@ def preprocess_jsonl(
             atomic_file(idx_target) as idx_tmp,
             open(bin_tmp, "wb") as bin_file,
             contextlib.closing(_encoded_chunks(inputs, settings, workers)) as chunks,
+            contextlib.closing(BinWriter(bin_file, settings.max_length)) as writer,
         ):
-            writer = BinWriter(bin_file, settings.max_length)
             first_line, current = 1, -1
             for item in chunks:
                 index, encoded, consumed = item.index, item.chunk, item.consumed
@@ -270,10 +271,9 @@ def preprocess_jsonl(
                 summary.truncated += encoded.truncated
                 summary.input_bytes += encoded.input_bytes
                 first_line += encoded.lines
-                bar.n = min(offsets[index] + consumed, total_bytes)
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix_str(f"{summary.sequences / elapsed:,.0f} seq/s", refresh=False)
-                bar.refresh()
+                bar.update(min(offsets[index] + consumed, total_bytes) - bar.n)
             writer.close()  # all chunks written before the index
             summary.padded_tokens = writer.padded_tokens
             if summary.sequences == 0:
