@@ -48,6 +48,7 @@ CHUNK_BYTES = 1 << 20  # small enough that a chunk's passes stay in the CPU cach
 PAD_BLOCK_TOKENS = 1 << 24  # padded mode widens at most this many tokens at once
 PARALLEL_MIN_BYTES = 48 << 20  # below this, worker start-up costs more than it saves
 MAX_REPORTED_SKIPS = 10
+OUTPUT_SUFFIXES = (".bin", ".idx", "_conditions.json", "_lengths.png", "_summary.json")
 
 
 def output_prefix_for(output_prefix: str, text_key: str = "text") -> str:
@@ -355,10 +356,9 @@ def make_readable(output_prefix: str) -> None:
     """Give the outputs the usual umask permissions (temporary files are created 0600)."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in Path(output_prefix).parent.glob(Path(output_prefix).name + "*"):
-        if path.is_file() and not path.name.startswith("."):
-            with contextlib.suppress(OSError):
-                os.chmod(path, 0o666 & ~umask)
+    for suffix in OUTPUT_SUFFIXES:
+        with contextlib.suppress(OSError):
+            os.chmod(f"{output_prefix}{suffix}", 0o666 & ~umask)
 
 
 def run_preprocess(run: RunConfig) -> dict:
