@@ -150,7 +150,8 @@ def main() -> None:
         mbps = lambda nbytes, t: nbytes / t / 1e6  # noqa: E731
         r_ours, r_rw, r_base = mbps(size, t_ours), mbps(size, t_rw), mbps(sub_size, t_base)
         print(
-            f"packing={args.packing} append_eod={append_eod} workers={args.workers} cpus={os.cpu_count()}"
+            f"packing={args.packing} append_eod={append_eod} workers={args.workers} "
+            f"cpus={os.cpu_count()} load average={', '.join(f'{v:.1f}' for v in os.getloadavg())}"
         )
         print(
             f"read+write (no processing): {r_rw:8.1f} MB/s  ({t_rw:.2f} s for {size / 1e6:.0f} MB)"
