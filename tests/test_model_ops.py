@@ -139,6 +139,9 @@ def test_hcm_filter_product_in_weight_dtype():
     assert product.dtype == torch.bfloat16 and product.shape == (4, 128)
     torch.testing.assert_close(product, h[:, :128] * decay[:, :128], atol=0, rtol=0)
     assert ops.hcm_filter(h, decay, length=50, filter_len=128).shape == (4, 50)
+    # float32 weights loaded from a bf16 file: product_dtype keeps the bf16 rounding
+    rounded = ops.hcm_filter(h.float(), decay.float(), 300, 128, product_dtype=torch.bfloat16)
+    torch.testing.assert_close(rounded, product, atol=0, rtol=0)
 
 
 def test_hcl_matches_direct_reference():

@@ -91,9 +91,22 @@ class HcmOperator(nn.Module):
         self.filter_len = filter_len
         self.conv_bias = nn.Parameter(torch.empty(dim))
         self.filter = ExplicitDecayFilter(groups, context)
+        # dtype `filter.h` had in the loaded file, when lower than the model's (see product_dtype)
+        self.source_dtype: torch.dtype | None = None
+
+    @property
+    def product_dtype(self) -> torch.dtype:
+        """savanna forms h * decay in the checkpoint's dtype: the lower of file and model precision."""
+        held = self.filter.h.dtype
+        source = self.source_dtype
+        if source is not None and torch.finfo(source).bits < torch.finfo(held).bits:
+            return source
+        return held
 
     def forward(self, z: Tensor) -> Tensor:
-        h = ops.hcm_filter(self.filter.h, self.filter.decay, z.shape[1], self.filter_len)
+        h = ops.hcm_filter(
+            self.filter.h, self.filter.decay, z.shape[1], self.filter_len, self.product_dtype
+        )
         h = h.repeat_interleave(self.channels_per_group, dim=0)
         return ops.fft_causal_conv(z, h, self.conv_bias)
 

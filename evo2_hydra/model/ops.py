@@ -51,15 +51,19 @@ def fft_causal_conv(z: Tensor, h: Tensor, skip: Tensor) -> Tensor:
     return y.transpose(1, 2).to(z.dtype)
 
 
-def hcm_filter(h: Tensor, decay: Tensor, length: int, filter_len: int) -> Tensor:
+def hcm_filter(
+    h: Tensor, decay: Tensor, length: int, filter_len: int, product_dtype: torch.dtype | None = None
+) -> Tensor:
     """Effective Hyena-MR filter `h[:, :Lk] * decay[:, :Lk]`, Lk = min(filter_len, length).
 
-    The product is formed in h's dtype, as savanna does (bf16 for bf16 weights): forming it in
-    fp32 instead moves logits measurably (spec README, "hcm filter rounding"). `decay` comes from
-    the checkpoint and is never recomputed.
+    The product is formed in the weights' dtype, as savanna does (bf16 for bf16 weights): forming
+    it in fp32 instead moves logits measurably (spec README, "hcm filter rounding"). When a
+    float32 model holds weights loaded from a bf16 file, `product_dtype` (bf16) keeps that
+    rounding. `decay` comes from the checkpoint and is never recomputed.
     """
     taps = min(filter_len, length)
-    return h[:, :taps] * decay[:, :taps].to(h.dtype)
+    dtype = product_dtype or h.dtype
+    return h[:, :taps].to(dtype) * decay[:, :taps].to(dtype)
 
 
 def modal_filter(R: Tensor, p: Tensor, gamma: Tensor, length: int) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from evo2_hydra.config import ModelConfig
 from evo2_hydra.errors import UserError
+from evo2_hydra.model.layers import HcmOperator
 from evo2_hydra.model.model import StripedHyena2, build_model
 
 # TransformerEngine FP8 metadata (`dense_projection._extra_state`, `mlp.w1._extra_state`, ...):
@@ -144,7 +145,9 @@ def load_into_model(
 ) -> StripedHyena2:
     """Load a savanna-layout state dict strictly; a meta model is materialized first.
 
-    Parameters are copied into the model's dtype (the caller chose the compute dtype). Buffers
+    Parameters are copied into the model's dtype (the caller chose the compute dtype); hcm
+    operators remember the file's `filter.h` dtype so a float32 model of a bf16 checkpoint still
+    forms `h * decay` in bf16 like savanna and vtx. Buffers
     (`decay`, `t`, `inv_freq`) are constants and keep the file's dtype, so a load -> save round
     trip is byte-equal. A meta model is materialized on `device` (default cpu).
     """
@@ -155,6 +158,8 @@ def load_into_model(
         model.to_empty(device=torch.device(device or "cpu"))
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, HcmOperator):  # keep savanna's bf16 h * decay rounding
+            module.source_dtype = state_dict[prefix + "filter.h"].dtype
         for name, param in module.named_parameters(recurse=False):
             source = state_dict.get(prefix + name)
             if source is None:  # an unused norm absent from the file (OPTIONAL_SUFFIXES)
