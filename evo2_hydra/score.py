@@ -22,7 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evo2_hydra.config import CkptConfig, ModelConfig, RunConfig, ScoreConfig, ScoreDtype
+from evo2_hydra.config import (
+    CkptConfig,
+    Device,
+    ModelConfig,
+    RunConfig,
+    ScoreConfig,
+    ScoreDtype,
+)
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2, build_model, load_into_model
@@ -79,8 +86,17 @@ def reverse_complement(text: str) -> str:
     return text.translate(COMPLEMENT)[::-1]
 
 
+def pick_device(device: Device) -> torch.device:
+    """cluster.device: auto = cuda when visible, else cpu."""
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise UserError("cluster.device=cuda but no CUDA device is visible")
+    if device == Device.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
 def load_scoring_model(
-    model_cfg: ModelConfig, ckpt: CkptConfig, dtype: torch.dtype
+    model_cfg: ModelConfig, ckpt: CkptConfig, dtype: torch.dtype, device: torch.device
 ) -> StripedHyena2:
     """Load `ckpt.path` (any savanna layout) strictly into a model of the file's filter width."""
     if not ckpt.path:
@@ -99,7 +115,7 @@ def load_scoring_model(
     widths = {tuple(v.shape)[-1] for k, v in state.items() if k.endswith(CONTEXT_SUFFIXES)}
     width = ckpt.source_context or (max(widths) if widths else ckpt.context)
     model = build_model(model_cfg, width, device="meta", dtype=dtype)
-    load_into_model(model, state, model_cfg, width)
+    load_into_model(model, state, model_cfg, width, device=device)
     return model.eval()
 
 
@@ -111,12 +127,13 @@ def score_batch(model: StripedHyena2, texts: list[str]) -> tuple[list[float], li
     ids = torch.full((len(tokens), longest), PAD_ID, dtype=torch.long)
     for row, seq in enumerate(tokens):
         ids[row, : len(seq)] = torch.tensor(seq)
+    ids = ids.to(model.embedding.weight.device)
     logits = model(ids).float()
     logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
     sums, per_seq_logits = [], []
     for row, seq in enumerate(tokens):
         sums.append(logprobs[row, : len(seq) - 1].double().sum().item())
-        per_seq_logits.append(logits[row, : len(seq)].numpy())
+        per_seq_logits.append(logits[row, : len(seq)].cpu().numpy())
     return sums, per_seq_logits
 
 
@@ -158,7 +175,7 @@ def run_score(run: RunConfig) -> Path:
         )
     records = read_sequences(Path(score.input), score.text_key, run.ckpt.context)
     dtype = torch.bfloat16 if score.dtype == ScoreDtype.bfloat16 else torch.float32
-    model = load_scoring_model(run.model, run.ckpt, dtype)
+    model = load_scoring_model(run.model, run.ckpt, dtype, pick_device(run.cluster.device))
 
     if output.exists():
         output.rmdir()  # an empty folder (e.g. made by Hydra) is replaced atomically below

@@ -136,10 +136,13 @@ class StripedHyena2(nn.Module):
             Placeholder("tied logits: F.linear(h, word_embeddings.weight)"),
         ]
         self.sequential = nn.Sequential(*modules)
-        self.blocks: list[Block] = [
-            self.sequential[i + 2] for i in range(n)
-        ]  # plain list: no new keys
+        self.num_layers = n
         self.final_norm_index = n + 3
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The residual blocks, read from `sequential` (so wrappers installed there are seen)."""
+        return [self.sequential[i + 2] for i in range(self.num_layers)]
 
     @property
     def embedding(self) -> nn.Embedding:
