@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import resource
 import sys
 import time
@@ -115,6 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     contexts = sorted(args.contexts)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1, CPU")
+    print(f"load average at start {os.getloadavg()[0]:.1f} (other processes skew absolute times)")
     wall = time.perf_counter()
 
     tiny = load_model_config("evo2_tiny")
@@ -156,6 +158,7 @@ def main() -> None:
         )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\npeak RSS {peak:.1f} GiB, wall {time.perf_counter() - wall:.0f} s")
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
