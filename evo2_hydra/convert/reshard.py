@@ -160,7 +160,8 @@ def write_savanna_dir(
                     module[key] = first
                 continue
             value = full_tensor(key, [first] + [s[key] for s in shards[1:]], legacy_keys=legacy)
-            if context is not None and is_context_key(key):
+            # Resize only what changes width: a same-width source keeps its bytes (MP round trips).
+            if context is not None and is_context_key(key) and value.shape[-1] != context:
                 value = (
                     filter_t(context)
                     if key.endswith("filter.t")
