@@ -93,7 +93,7 @@ def test_prepare_bad_inputs_write_nothing(tmp_path, tiny_run):
     assert not out.exists()
 
 
-CONVERT = ["convert.py", "target=savanna"]
+CONVERT = ["convert.py", "target=savanna", "verify=false"]  # the probe is CONVERT's, tested there
 
 
 def test_convert_cli_resizes_and_refuses(tmp_path, tiny_run, run_entry):
@@ -138,7 +138,7 @@ def test_convert_bad_inputs(tmp_path, compose_cfg, tiny_run, case, overrides, me
     (tmp_path / "empty").mkdir()
     if case == "exists":
         out.mkdir()
-    args = ["target=savanna", f"output={out}", *overrides] + (
+    args = ["target=savanna", "verify=false", f"output={out}", *overrides] + (
         [f"source={source}"] if source else []
     )
     conv = to_obj(compose_cfg(args, config_name="convert"))
@@ -163,7 +163,7 @@ def test_convert_newest_run_as_source(tmp_path, compose_cfg, tiny_run):
         time.sleep(0.01)
     conv = to_obj(
         compose_cfg(
-            ["target=savanna", f"output={tmp_path / 'out'}", "ckpt.context=128"],
+            ["target=savanna", "verify=false", f"output={tmp_path / 'out'}", "ckpt.context=128"],
             config_name="convert",
         )
     )
