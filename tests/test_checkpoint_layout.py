@@ -57,32 +57,53 @@ def test_run_folder_one_shard_file_and_newest_step(tmp_path, tiny):
     assert locate_checkpoint(step / "mp_rank_01_model_states.pt").mp == 2
 
 
-def test_zero3_detected_and_reported(tmp_path):
+def test_zero3_detected_and_reported(tmp_path, monkeypatch):
     step = tmp_path / "global_step5"
     step.mkdir()
     for dp in range(2):
         torch.save({"module": {}}, step / f"zero_pp_rank_{dp}_mp_rank_00_model_states.pt")
     loc = locate_checkpoint(step)
     assert loc.is_zero3 and loc.mp == 1 and len(loc.zero3_files[0]) == 2
-    with pytest.raises(UserError, match="ZeRO-3"):
+    import evo2_hydra.checkpoint.loader as loader
+
+    monkeypatch.setattr(
+        loader, "ZERO3_GATHERER", ("tests.test_checkpoint_layout", "fake_zero3_gatherer")
+    )
+    module, meta = load_module_state_dict(step)
+    assert torch.equal(module["w"], torch.full((2,), 2.0)) and meta["iteration"] == 5
+    monkeypatch.setattr(loader, "ZERO3_GATHERER", ("evo2_hydra.no_such_module", "f"))
+    with pytest.raises(UserError, match=r"global_step5 \(ZeRO-3, MP=1, 2 data-parallel shards\)"):
         load_module_state_dict(step)
 
 
-def test_vortex_file_gets_a_clear_message(tmp_path):
+def fake_zero3_gatherer(location, *, trust_pickle=False):
+    return [{"w": torch.full((2,), float(len(location.zero3_files[0])))}]
+
+
+def fake_vortex_importer(state, path):
+    return {
+        "sequential.0.word_embeddings.weight": state["embedding_layer.weight"],
+        "from": str(path),
+    }
+
+
+def test_vortex_file_detected_and_handed_to_the_importer(tmp_path, monkeypatch):
     path = tmp_path / "evo2_tiny_vortex.pt"
     torch.save(
-        {"embedding_layer.weight": torch.zeros(4, 2), "blocks.0.pre_norm.scale": torch.ones(2)},
-        path,
+        {"embedding_layer.weight": torch.ones(4, 2), "blocks.0.pre_norm.scale": torch.ones(2)}, path
     )
-    try:
-        import evo2_hydra.convert.vortex as vortex  # CONVERT's importer, once it exists
+    import evo2_hydra.checkpoint.loader as loader
 
-        has_importer = hasattr(vortex, "import_vortex_state_dict")
-    except ModuleNotFoundError:
-        has_importer = False
-    if not has_importer:
-        with pytest.raises(UserError, match=r"evo2_tiny_vortex\.pt: this is a vortex"):
-            load_module_state_dict(path)
+    monkeypatch.setattr(
+        loader, "VORTEX_IMPORTER", ("tests.test_checkpoint_layout", "fake_vortex_importer")
+    )
+    module, _ = load_module_state_dict(path)
+    assert torch.equal(module["sequential.0.word_embeddings.weight"], torch.ones(4, 2))
+    assert module["from"] == str(path)
+    # without an importer: one line saying what the file is
+    monkeypatch.setattr(loader, "VORTEX_IMPORTER", ("evo2_hydra.no_such_module", "f"))
+    with pytest.raises(UserError, match=r"evo2_tiny_vortex\.pt: this is a vortex"):
+        load_module_state_dict(path)
 
 
 @pytest.mark.parametrize(
