@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import time
 
 import pytest
@@ -170,3 +171,18 @@ def test_convert_newest_run_as_source(tmp_path, compose_cfg, tiny_run):
     assert conv.paths.output_root == str(root)
     run_convert(conv)
     assert (tmp_path / "out" / "latest").read_text() == "global_step4"
+
+
+def test_prepare_from_vortex_skips_the_source_context_check(tmp_path, tiny_run, monkeypatch):
+    import evo2_hydra.checkpoint.loader as loader
+
+    # a stand-in importer: vortex files store 128 hcm taps, so the imported width is 128
+    fake = lambda state, path: random_savanna_module(tiny_run.model, 128)  # noqa: E731
+    monkeypatch.setattr(sys.modules[__name__], "fake_vortex_import", fake, raising=False)
+    monkeypatch.setattr(loader, "VORTEX_IMPORTER", (__name__, "fake_vortex_import"))
+    path = tmp_path / "evo2_tiny_vortex.pt"
+    torch.save({"embedding_layer.weight": torch.zeros(512, 64)}, path)
+    ckpt = dataclasses.replace(tiny_run.ckpt, path=str(path), context=256, source_context=1048576)
+    out = prepare_base_checkpoint(ckpt, tiny_run.model, tmp_path / "base")
+    module, _ = load_module_state_dict(out)
+    assert module["sequential.3.mixer.mixer.filter.h"].shape == (4, 256)

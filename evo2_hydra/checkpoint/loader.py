@@ -21,6 +21,9 @@ from evo2_hydra.errors import UserError
 VORTEX_IMPORTER = ("evo2_hydra.convert.vortex", "import_vortex_state_dict")
 ZERO3_GATHERER = ("evo2_hydra.convert.zero3", "gather_zero3_module")
 VORTEX_MARKERS = ("blocks.", "embedding_layer.", "unembed.", "norm.scale")
+IMPORTED_FROM = (
+    "evo2_hydra_imported_from"  # top-level marker on shards converted from another format
+)
 
 
 def _hook(target: tuple[str, str]):
@@ -55,7 +58,8 @@ def normalize_top_level(obj: Any, path: Path) -> dict[str, Any]:
                 f"{path}: this is a vortex (inference) checkpoint (keys blocks.*, embedding_layer.weight), "
                 "not a savanna one; the vortex importer (evo2_hydra.convert.vortex) is not available"
             )
-        return {"module": importer(obj, path)}
+        # Marked: a vortex file stores 128 hcm taps, so its width says nothing about the source context.
+        return {"module": importer(obj, path), IMPORTED_FROM: "vortex"}
     if any(isinstance(k, str) and k.startswith("sequential.") for k in obj):
         return {"module": obj}  # a bare savanna state dict
     first = ", ".join(sorted(str(k) for k in obj)[:4])

@@ -18,7 +18,7 @@ import torch
 
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.legacy import interleave_legacy_projections, mlp_width, pad_mlp
-from evo2_hydra.checkpoint.loader import load_shards, shard_shapes
+from evo2_hydra.checkpoint.loader import IMPORTED_FROM, load_shards, shard_shapes
 from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
 from evo2_hydra.checkpoint.resize import (
     ScratchAllocator,
@@ -55,7 +55,12 @@ def padded_shapes(shapes: Mapping[str, tuple[int, ...]], width: int) -> dict[str
 
 
 def check_checkpoint(
-    shapes: Mapping[str, tuple[int, ...]], where: str, ckpt: CkptConfig, model: ModelConfig
+    shapes: Mapping[str, tuple[int, ...]],
+    where: str,
+    ckpt: CkptConfig,
+    model: ModelConfig,
+    *,
+    check_source_context: bool = True,
 ) -> int | None:
     """Check the (merged) shapes against the model and the preset; return the MLP pad width or None.
 
@@ -78,7 +83,12 @@ def check_checkpoint(
         if found is not None and found[1] < model.mlp_inner_size and not ckpt.pad_mlp:
             hint = f" (or ckpt.pad_mlp=true to zero-pad {found[0]} from {found[1]} to {model.mlp_inner_size})"
         raise UserError(f"{where}: {err}{hint}") from None
-    if width is not None and ckpt.source_context is not None and width != ckpt.source_context:
+    if (
+        check_source_context
+        and width is not None
+        and ckpt.source_context is not None
+        and width != ckpt.source_context
+    ):
         key = next(k for k in shapes if is_context_key(k))
         raise UserError(
             f"{where}: {key} is {width} columns wide, but ckpt.source_context={ckpt.source_context} "
@@ -226,7 +236,10 @@ def prepare_base_checkpoint(
         return out_dir
     shards = load_shards(location, trust_pickle=ckpt.trust_pickle)
     shapes = merged_shapes(shard_shapes(shards))
-    pad_to = check_checkpoint(shapes, location.describe(), ckpt, model)
+    imported = shards[0].get(IMPORTED_FROM)
+    pad_to = check_checkpoint(
+        shapes, location.describe(), ckpt, model, check_source_context=imported is None
+    )
     log.info(
         "base checkpoint: %s -> %s (context %s -> %d%s%s)",
         location.describe(),
