@@ -186,3 +186,27 @@ def test_prepare_from_vortex_skips_the_source_context_check(tmp_path, tiny_run, 
     out = prepare_base_checkpoint(ckpt, tiny_run.model, tmp_path / "base")
     module, _ = load_module_state_dict(out)
     assert module["sequential.3.mixer.mixer.filter.h"].shape == (4, 256)
+
+
+def test_prepare_interleaves_legacy_shards_before_merging(tmp_path, tiny_run):
+    from evo2_hydra.checkpoint import merge_mp, split_mp
+    from evo2_hydra.checkpoint.legacy import interleave_rows
+
+    src = make_random_savanna_checkpoint(tmp_path / "src", tiny_run.model, 256, layout="step", mp=2)
+    ckpt = dataclasses.replace(tiny_run.ckpt, path=str(src), context=256, interleave_legacy=True)
+    module, _ = load_module_state_dict(
+        prepare_base_checkpoint(ckpt, tiny_run.model, tmp_path / "base")
+    )
+    shards = split_mp(random_savanna_module(tiny_run.model, 256), 2)
+    for key in (
+        "sequential.3.mixer.dense_projection.weight",
+        "sequential.3.mixer.hyena_proj_conv.short_conv_weight",
+    ):
+        # legacy [x1|x2|v] blocks are per MP rank: interleave each shard, then concatenate
+        expected = merge_mp([{key: interleave_rows(s[key])} for s in shards])[key]
+        assert torch.equal(module[key], expected), key
+        assert not torch.equal(module[key], interleave_rows(merge_mp(shards)[key])), key
+    attention = (
+        "sequential.5.mixer.dense_projection.weight"  # attention rows are per head: untouched
+    )
+    assert torch.equal(module[attention], merge_mp(shards)[attention])
