@@ -94,3 +94,19 @@ def test_legacy_format_malicious_pickle_refused(tmp_path):
     ok = tmp_path / "old_ok.pt"
     torch.save({"w": torch.ones(2)}, ok, _use_new_zipfile_serialization=False)
     assert torch.equal(safe_load(ok)["w"], torch.ones(2))  # old format: read without mmap
+
+
+def test_numpy1_module_names_allowed(tmp_path):
+    # Files written under numpy 1.x (savanna pins numpy<=2.2.6) name numpy.core.multiarray.*; the
+    # legacy format keeps pickle GLOBALs as text, so the name can be rewritten for the test.
+    path = tmp_path / "np1.pt"
+    torch.save(
+        {"rng": np.random.get_state(), "s": np.float64(1.5)},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
+    data = path.read_bytes()
+    assert b"numpy._core.multiarray" in data
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    state = safe_load(path)
+    assert state["rng"][1].dtype == np.uint32 and state["s"] == 1.5
