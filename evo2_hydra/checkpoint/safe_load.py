@@ -113,14 +113,7 @@ def _unsafe_globals(path: Path) -> list[str]:
     try:
         with open(path, "rb") as fh:
             return torch.serialization.get_unsafe_globals_in_checkpoint(fh)
-    except (
-        RuntimeError,
-        ValueError,
-        OSError,
-        zipfile.BadZipFile,
-        pickle.UnpicklingError,
-        EOFError,
-    ) as err:
+    except Exception as err:  # a damaged archive fails in many ways; all mean "unreadable"
         raise _unreadable(path, err) from err
 
 
@@ -176,5 +169,7 @@ def _torch_load(path: Path, *, mmap: bool, weights_only: bool, allow: list[Any])
             log.warning("%s: old torch.save format, loading it into memory (no mmap)", path)
             return _torch_load(path, mmap=False, weights_only=weights_only, allow=allow)
         raise _unreadable(path, err) from err
-    except (ValueError, zipfile.BadZipFile, EOFError, OSError) as err:
+    except UserError:
+        raise
+    except Exception as err:  # torch's unpickler raises IndexError/KeyError/... on garbage bytes
         raise _unreadable(path, err) from err
