@@ -10,8 +10,9 @@ Weights: full (TP=1) tensors under the Megatron keys of §1.4 prefixed `module.`
 float32 and everything else bf16 (as BioNeMo's MBridge converter). DCP stores global tensors with
 chunk metadata, so the output loads at any tensor-parallel size (§2.7).
 - torch_dist: `torch.distributed.checkpoint.save(..., planner=DefaultSavePlanner(
-  flatten_state_dict=False), no_dist=True)`; TransformerEngine extra states are list-wrapped empty
-  uint8 tensors under `<module>._extra_state/shard_0_1` (the default planner would flatten the list
+  flatten_state_dict=False), no_dist=True)`, one `.distcp` file per entry (as BioNeMo's MBridge
+  converter; `.metadata` names each entry's file, so loaders do not care); TransformerEngine
+  extra states are list-wrapped empty uint8 tensors under `<module>._extra_state/shard_0_1` (the default planner would flatten the list
   into a tensor entry Megatron does not recognise, §2.7).
 - zarr (Megatron <= 0.15): one zarr v2 array folder per key (`.zarray` + one raw C-order chunk),
   bf16 as its 2-byte pattern with dtype "bfloat16"; extra states as `<key>/shard_0_1.pt`.
@@ -414,7 +415,7 @@ def metadata_json(fmt: NemoFormat) -> dict[str, Any]:
 # Writers
 
 
-def _lazy_save_planner(producers: Mapping[str, Producer], on_tensor: Callable[[Tensor], None]):
+def _lazy_save_planner(producers: Mapping[str, Producer], on_tensor: Callable[[str, Tensor], None]):
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
     class LazySavePlanner(DefaultSavePlanner):
@@ -425,7 +426,7 @@ def _lazy_save_planner(producers: Mapping[str, Producer], on_tensor: Callable[[T
             if make is None:
                 return super().resolve_data(write_item)
             tensor = make()
-            on_tensor(tensor)
+            on_tensor(write_item.index.fqn, tensor)
             return tensor
 
     return LazySavePlanner(flatten_state_dict=False)
@@ -435,7 +436,7 @@ def write_torch_dist(
     weights_dir: Path,
     entries: list[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]],
     extra_keys: list[str],
-    on_tensor: Callable[[Tensor], None],
+    on_tensor: Callable[[str, Tensor], None],
 ) -> None:
     import warnings
 
@@ -447,16 +448,24 @@ def write_torch_dist(
     }
     placeholders.update({key: [empty_extra_state()] for key in extra_keys})
     producers = {key: make for key, _, make in entries}
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*assuming the intent is to save in a single process.*"
-        )
-        dcp.save(
-            placeholders,
-            storage_writer=FileSystemWriter(str(weights_dir), single_file_per_rank=True),
-            planner=_lazy_save_planner(producers, on_tensor),
-            no_dist=True,
-        )
+    crc32 = torch.serialization.get_crc32_options()
+    try:
+        # DCP torch.saves each tensor into its file: skip miniz's slow zip CRC32 (our manifest
+        # holds a CRC32 per tensor). One file per item: DCP's writer keeps every tensor of a file
+        # alive until that file is closed, so one file per rank would hold the whole model.
+        torch.serialization.set_crc32_options(False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*assuming the intent is to save in a single process.*"
+            )
+            dcp.save(
+                placeholders,
+                storage_writer=FileSystemWriter(str(weights_dir), single_file_per_rank=False),
+                planner=_lazy_save_planner(producers, on_tensor),
+                no_dist=True,
+            )
+    finally:
+        torch.serialization.set_crc32_options(crc32)
 
 
 ZARR_DTYPES = {torch.float32: "<f4", torch.bfloat16: "bfloat16", torch.float16: "<f2"}
@@ -486,12 +495,12 @@ def write_zarr(
     weights_dir: Path,
     entries: list[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]],
     extra_keys: list[str],
-    on_tensor: Callable[[Tensor], None],
+    on_tensor: Callable[[str, Tensor], None],
 ) -> None:
     for key, _, make in entries:
         tensor = make()
         write_zarr_array(weights_dir / key, tensor)
-        on_tensor(tensor)
+        on_tensor(key, tensor)
     for key in extra_keys:
         name, shard = key.split("/")
         (weights_dir / name).mkdir(parents=True, exist_ok=True)
@@ -512,7 +521,7 @@ def write_nemo_checkpoint(
     fmt: NemoFormat,
     model_size: str | None,
     context: int,
-    on_tensor: Callable[[Tensor], None] = lambda t: None,
+    on_tensor: Callable[[str, Tensor], None] = lambda key, t: None,
 ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Write the NeMo2 folder into `out_dir` (already created, empty); return key -> (shape, dtype)."""
     size_name = resolve_model_size(model_size, cfg)

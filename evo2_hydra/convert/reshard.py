@@ -13,6 +13,7 @@ rank), every filter group count, the MLP width and the vocabulary.
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,9 @@ from evo2_hydra.checkpoint.resize import (
     is_context_key,
     resize_hcm_tensor,
 )
-from evo2_hydra.checkpoint.writer import mp_file_name, step_tag, write_manifest
+from evo2_hydra.checkpoint.writer import MANIFEST, mp_file_name, step_tag
 from evo2_hydra.config import CastDtype, ModelConfig
-from evo2_hydra.convert.stream import TorchSaveStream, conversion_progress
+from evo2_hydra.convert.stream import TensorRef, TorchSaveStream, conversion_progress
 from evo2_hydra.errors import UserError
 
 CAST_DTYPES = {CastDtype.bfloat16: torch.bfloat16, CastDtype.float32: torch.float32}
@@ -201,6 +202,37 @@ def write_savanna_dir(
     if run_config_yaml is not None:
         (step / "configs").mkdir()
         (step / "configs" / "config.yaml").write_text(run_config_yaml)
-    write_manifest(step)
+    write_step_manifest(step, modules)
     (tmp_out / LATEST).write_text(tag)
     return written
+
+
+def write_step_manifest(step: Path, modules: Sequence[Mapping[str, Any]]) -> None:
+    """`global_stepN/manifest.json` in checkpoint/writer.py's format (its `verify_manifest` reads
+    it), from the CRC32s computed while streaming instead of a second read of every file."""
+    files = {}
+    for rank, module in enumerate(modules):
+        name = mp_file_name(rank)
+        files[name] = {
+            "bytes": (step / name).stat().st_size,
+            "tensors": {
+                key: {
+                    "shape": list(ref.shape),
+                    "dtype": str(ref.dtype).removeprefix("torch."),
+                    "crc32": ref.crc32,
+                }
+                for key, ref in module.items()
+                if isinstance(ref, TensorRef)
+            },
+        }
+    others = {
+        str(p.relative_to(step)): p.stat().st_size
+        for p in sorted(step.rglob("*"))
+        if p.is_file() and p.name not in files and p.name != MANIFEST
+    }
+    manifest = {
+        "checksum": "crc32 of each tensor's bytes",
+        "model_states": files,
+        "other_files": others,
+    }
+    (step / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -26,6 +26,7 @@ from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.stream import (
     TorchSaveStream,
     conversion_progress,
+    tensor_crc32,
     tensor_nbytes,
     write_manifest,
 )
@@ -77,7 +78,11 @@ def write_vortex_file(path: Path, state: Mapping[str, Any], cfg: ModelConfig, pr
         refs = {}
         for key, tensor in vortex_format.savanna_to_vortex(state, cfg):
             refs[key] = out.add(tensor)
-            written[key] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+            written[key] = (
+                tuple(tensor.shape),
+                str(tensor.dtype).removeprefix("torch."),
+                refs[key].crc32,
+            )
             progress.update(tensor_nbytes(tensor))
         out.finish(refs)  # a flat dict: the vortex file format (vortex.md §2.1)
     return written
@@ -128,6 +133,12 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
         progress = conversion_progress(
             nemo_format.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
         )
+        crcs: dict[str, str] = {}
+
+        def written_one(key: str, tensor: Tensor) -> None:
+            crcs[key] = tensor_crc32(tensor)
+            progress.update(tensor_nbytes(tensor))
+
         with progress:
             written = nemo_format.write_nemo_checkpoint(
                 tmp,
@@ -137,7 +148,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
                 fmt=conv.nemo.format,
                 model_size=conv.nemo.model_size,
                 context=conv.ckpt.context,
-                on_tensor=lambda t: progress.update(tensor_nbytes(t)),
+                on_tensor=written_one,
             )
 
         def reimport():
@@ -149,7 +160,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             tmp,
             source=src.describe(),
             target=f"nemo/{conv.nemo.format.value}",
-            tensors=written,
+            tensors={k: (*v, crcs[k]) for k, v in written.items()},
             extra={"model": cfg.name, "verify_max_logit_diff": diff},
         )
     log.info("nemo: wrote %s (%s)", output, conv.nemo.format.value)
@@ -214,6 +225,5 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
             target=f"savanna/mp{mp_out}",
             tensors=written,
             extra={"model": cfg.name, "verify_max_logit_diff": diff},
-            digest=False,  # global_stepN/manifest.json already holds every tensor's CRC32
         )
     return output

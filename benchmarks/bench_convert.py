@@ -1,0 +1,200 @@
+"""convert.py on a random checkpoint in the evo2_1b layout: every target vs `cp` of the same bytes.
+
+    python benchmarks/bench_convert.py [--context 8192] [--workdir DIR] [--keep]
+
+Writes a random evo2_1b checkpoint (25 layers `SDH*SDHSDH*...`, hidden 1920, MLP 5120, 128 hcm/hcs
+groups, bf16, savanna top-level keys; hcm/hcl filters `--context` columns wide, default 8192, the
+released width) as a single `.pt`, then runs, each in a fresh process, with the input read once
+before each run (warm page cache for all):
+- `cp` of the checkpoint file (the baseline);
+- `convert.py target=vortex`, `target=nemo` (torch_dist and zarr), `target=savanna savanna.mp=1`
+  and `target=savanna savanna.dtype=float32`, all with `verify=false`.
+Wall time is the whole process (Python, torch and Hydra start-up included); "startup" is the same
+interpreter importing the conversion package and exiting, so "wall - startup" is the conversion.
+Memory: the process's RssAnon polled from /proc every 10 ms (children included: what it owns, not
+clean pages of the memory-mapped input) and its maximum RSS from wait4 (which counts mapped file
+pages too). Targets (issue #8): wall within 2x of cp, peak RssAnon < 1.5 x largest tensor + 500 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+MAKE = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from omegaconf import OmegaConf
+from evo2_hydra.config import ModelConfig
+from evo2_hydra.convert.stream import TorchSaveStream
+from evo2_hydra.model import expected_state_dict_shapes
+path, context = sys.argv[1], int(sys.argv[2])
+yaml = OmegaConf.load(sys.argv[3] + "/conf/model/evo2_1b.yaml"); yaml.pop("defaults")
+cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml))
+gen = torch.Generator().manual_seed(0)
+largest = 0
+with TorchSaveStream(path) as out:  # tensor by tensor: the maker itself needs no 2 GB of RAM
+    module, shapes = {}, {}
+    for key, shape in expected_state_dict_shapes(cfg, context).items():
+        if key.endswith("filter.t"):
+            value = torch.arange(context, dtype=torch.float32).view(1, 1, context)
+        elif key.endswith("filter.p"):
+            value = torch.full(shape, -1.0).to(torch.bfloat16)
+        else:
+            value = (torch.empty(shape).normal_(generator=gen) * 0.02).to(torch.bfloat16)
+        largest = max(largest, value.numel() * value.element_size())
+        module[key] = out.add(value)
+        shapes[key] = torch.Size(shape)
+    out.finish({"module": module, "param_shapes": shapes, "dp_world_size": 1, "iteration": 1,
+                "args": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size}})
+print(largest)
+"""
+
+STARTUP = "import torch, evo2_hydra.convert.targets, evo2_hydra.convert.run, hydra"
+
+
+def _descendants(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for child in children:
+        out += _descendants(int(child))
+    return out
+
+
+def _rss_anon_kb(pid: int) -> int:
+    total = 0
+    for p in _descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def measure(cmd: list[str]) -> dict[str, float]:
+    """Wall time, peak RssAnon (polled, children included) and max RSS (wait4) of one process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon_kb(proc.pid))
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    stderr = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr.decode()[-3000:]}")
+    return {
+        "wall_s": wall,
+        "peak_rss_anon_mb": peak[0] / 1024,
+        "max_rss_mb": usage.ru_maxrss / 1024,
+    }
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--context", type=int, default=8192, help="width of hcm/hcl filters (columns)"
+    )
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
+    work.mkdir(parents=True, exist_ok=True)
+    source = work / "savanna_evo2_1b.pt"
+    made = subprocess.run(
+        [sys.executable, "-c", MAKE, str(source), str(args.context), str(REPO)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    largest_mb = int(made.stdout.split()[-1]) / 2**20
+    size_mb = source.stat().st_size / 2**20
+    base = [
+        sys.executable,
+        str(REPO / "convert.py"),
+        f"source={source}",
+        "model=evo2_1b",
+        "ckpt=evo2_1b",
+    ]
+    base += [
+        f"ckpt.context={args.context}",
+        "verify=false",
+        f"paths.output_root={work / 'outputs'}",
+    ]
+    runs = {
+        "cp": ["cp", str(source), str(work / "copy.pt")],
+        "startup": [sys.executable, "-c", STARTUP],
+        "vortex": [*base, "target=vortex"],
+        "nemo torch_dist": [*base, "target=nemo", "nemo.format=torch_dist"],
+        "nemo zarr": [*base, "target=nemo", "nemo.format=zarr"],
+        "savanna mp=1": [*base, "target=savanna", "savanna.mp=1"],
+        "savanna float32": [*base, "target=savanna", "savanna.dtype=float32"],
+    }
+    results = {}
+    for name, cmd in runs.items():
+        out = work / f"out_{name.replace(' ', '_').replace('=', '')}"
+        if name not in ("cp", "startup"):
+            cmd = [*cmd, f"output={out}"]
+        warm(source)
+        results[name] = measure(cmd)
+        shutil.rmtree(out, ignore_errors=True)
+        (work / "copy.pt").unlink(missing_ok=True)
+    cp_s, startup_s = results["cp"]["wall_s"], results["startup"]["wall_s"]
+    budget_mb = 1.5 * largest_mb + 500
+    print(
+        f"source: evo2_1b layout, context {args.context}, {size_mb:.0f} MiB; largest tensor {largest_mb:.1f} MiB"
+    )
+    print(f"load average: {os.getloadavg()[0]:.1f}; RssAnon target < {budget_mb:.0f} MiB")
+    print(
+        f"{'run':<17}{'wall s':>8}{'-startup':>9}{'x cp':>7}{'(-startup)':>11}{'RssAnon MiB':>12}{'maxRSS MiB':>11}"
+    )
+    for name, r in results.items():
+        net = r["wall_s"] - startup_s if name not in ("cp", "startup") else r["wall_s"]
+        print(
+            f"{name:<17}{r['wall_s']:>8.2f}{net:>9.2f}{r['wall_s'] / cp_s:>7.2f}{net / cp_s:>11.2f}"
+            f"{r['peak_rss_anon_mb']:>12.0f}{r['max_rss_mb']:>11.0f}"
+        )
+    summary = {
+        "context": args.context,
+        "source_mib": size_mb,
+        "largest_tensor_mib": largest_mb,
+        "runs": results,
+    }
+    (work / "bench_convert.json").write_text(json.dumps(summary, indent=1))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
