@@ -336,21 +336,24 @@ class ClusterConfig:
     tasks: int = 1  # local: processes on this machine
     gpu_memory_gb: float = 80.0  # memory per GPU, for the plan's fits/does-not-fit verdict
     # Slurm (cluster=slurm); hydra.launcher interpolates these.
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    nodes: int = 1
+    partition: str | None = None  # site value, required for cluster=slurm
+    account: str | None = None  # site value (sbatch --account), when the site needs one
+    qos: str | None = None  # site value (sbatch --qos)
+    nodes: int = 1  # nodes per job
     gpus_per_node: int = 0  # one task per GPU; 0 for CPU partitions (then tasks_per_node counts)
-    tasks_per_node: int = 1
-    cpus_per_task: int = 1
-    mem_gb: int | None = None
-    timeout_min: int = 60
-    constraint: str | None = None
+    tasks_per_node: int = 1  # processes per node when gpus_per_node=0
+    cpus_per_task: int = 1  # CPUs per process (data loading threads)
+    mem_gb: int | None = None  # memory per node in GB; None = the site default
+    timeout_min: int = 60  # job time limit in minutes
+    constraint: str | None = None  # sbatch --constraint (node features, e.g. h100)
     additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
     setup: list[str] = field(default_factory=list)  # lines run before the task (module load, env)
     # Requeue on timeout this many times. Safe only because training auto-resumes from `latest`.
     max_num_timeout: int = 0
-    array_parallelism: int = 256
+    array_parallelism: int = 256  # sweep points running at once (sbatch --array=...%N)
+    # Wait for the jobs and report failures (the submitting shell stays busy); false = print the
+    # job ids and log paths, then return.
+    wait: bool = True
 
     def __post_init__(self) -> None:
         for key in ("tasks", "nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
@@ -387,6 +390,7 @@ class ScoreConfig:
     dtype: ScoreDtype = ScoreDtype.float32
     batch_size: int = 1  # sequences per forward pass (right-padded; causal, so padding is inert)
     reverse_complement: bool = False  # average with the reverse complement's score
+    log_probs: bool = False  # also write per-position log-probabilities [L-1] float32 (.npy)
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -395,16 +399,29 @@ class ScoreConfig:
 
 @dataclass
 class GenerateConfig:
-    prompt: str = ""
+    prompt: str = ""  # text the sequences continue (printable ASCII; after the condition token)
     condition: str | None = None  # a class name from the run's conditioning mapping
     n: int = 1  # sequences to sample
-    length: int = 100  # new tokens per sequence
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    seed: int = 0
-    cached: bool = True  # incremental decoding with hyena/attention caches
-    output: str | None = None  # output folder; None = the run folder
+    length: int = 100  # new tokens per sequence (at most; stops earlier at EOD)
+    temperature: float = 1.0  # softmax temperature; 0 = greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set of tokens with this much probability; 1.0 = off
+    seed: int = 0  # sampling seed (same seed, settings and weights -> same sequences)
+    cached: bool = True  # incremental decoding with hyena/attention caches (false: re-forward)
+    batch_size: int = 16  # sequences sampled together
+    dtype: ScoreDtype = ScoreDtype.float32  # compute dtype of the model
+    output: str | None = None  # output folder; None = <run folder>/generations/<time>
+
+    def __post_init__(self) -> None:
+        for key in ("n", "length", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"generate.{key}={getattr(self, key)}: must be positive")
+        if self.temperature < 0:
+            raise ConfigError(f"generate.temperature={self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise ConfigError(f"generate.top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"generate.top_p={self.top_p}: expected a value in (0, 1]")
 
 
 @dataclass
@@ -523,3 +540,6 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
     cs.store(group="target", name="base_target", node=TargetConfig)
+    from evo2_hydra.cluster.launcher import register_launcher  # hydra/launcher: evo2_slurm
+
+    register_launcher()

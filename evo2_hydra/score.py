@@ -8,7 +8,10 @@ Tokens are the UTF-8 bytes of the sequence as given (Evo 2's CharLevelTokenizer,
 Output folder (written atomically): `scores.jsonl`, one row per input line in order with
 `sum_log_likelihood` = sum over positions 1..L-1 of log p(token_i | tokens_<i) in nats and
 `mean_log_likelihood` = that sum / (L-1); with `score.logits=true`, `logits/{index:06d}.npy`, the
-full `[L, 512]` float32 logits of each sequence.
+full `[L, 512]` float32 logits of each sequence; with `score.log_probs=true`,
+`log_probs/{index:06d}.npy`, the `[L-1]` float32 per-position log-probabilities whose sum is
+`sum_log_likelihood` (and `{index:06d}_rc.npy` for the reverse complement, in its own order, with
+`score.reverse_complement=true`). `score.batch_size` sequences share one forward pass.
 """
 
 from __future__ import annotations
@@ -119,9 +122,16 @@ def load_scoring_model(
     return model.eval()
 
 
+@dataclass
+class BatchScores:
+    sums: list[float]  # summed log-likelihood per sequence (nats, positions 1..L-1)
+    log_probs: list[np.ndarray]  # per sequence `[L-1]` float32: log p(token_i | tokens_<i), i >= 1
+    logits: list[np.ndarray] | None  # per sequence `[L, vocab]` float32, when asked for
+
+
 @torch.no_grad()
-def score_batch(model: StripedHyena2, texts: list[str]) -> tuple[list[float], list[np.ndarray]]:
-    """Summed log-likelihood per sequence and its float32 logits `[L, vocab]`."""
+def score_batch(model: StripedHyena2, texts: list[str], keep_logits: bool = True) -> BatchScores:
+    """One forward pass over right-padded sequences (causal: padding never reaches them)."""
     tokens = [tokenize(t) for t in texts]
     longest = max(len(t) for t in tokens)
     ids = torch.full((len(tokens), longest), PAD_ID, dtype=torch.long)
@@ -130,34 +140,61 @@ def score_batch(model: StripedHyena2, texts: list[str]) -> tuple[list[float], li
     ids = ids.to(model.embedding.weight.device)
     logits = model(ids).float()
     logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    sums, per_seq_logits = [], []
+    scores = BatchScores([], [], [] if keep_logits else None)
     for row, seq in enumerate(tokens):
-        sums.append(logprobs[row, : len(seq) - 1].double().sum().item())
-        per_seq_logits.append(logits[row, : len(seq)].cpu().numpy())
-    return sums, per_seq_logits
+        positions = logprobs[row, : len(seq) - 1]
+        scores.sums.append(positions.double().sum().item())
+        scores.log_probs.append(positions.cpu().numpy())
+        if keep_logits:
+            scores.logits.append(logits[row, : len(seq)].cpu().numpy())
+    return scores
 
 
-def _score_all(model, records, batch_size, write_logits, logits_dir, rc: bool) -> list[dict]:
+@dataclass
+class ScoreOutputs:
+    """What to write besides scores.jsonl, and where (folders inside the output being built)."""
+
+    logits_dir: Path | None = None  # `[L, vocab]` float32 logits per sequence
+    log_probs_dir: Path | None = None  # `[L-1]` float32 per-position log-probabilities
+
+
+def _save(folder: Path, name: str, array: np.ndarray) -> str:
+    np.save(folder / name, array.astype(np.float32))
+    return f"{folder.name}/{name}"
+
+
+def _score_all(model, records, batch_size, outputs: ScoreOutputs, rc: bool) -> list[dict]:
     rows = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        sums, logits = score_batch(model, [r.text for r in batch])
-        rc_sums = score_batch(model, [reverse_complement(r.text) for r in batch])[0] if rc else None
+        fwd = score_batch(
+            model, [r.text for r in batch], keep_logits=outputs.logits_dir is not None
+        )
+        rc_scores = (
+            score_batch(model, [reverse_complement(r.text) for r in batch], keep_logits=False)
+            if rc
+            else None
+        )
         for i, record in enumerate(batch):
             n = len(tokenize(record.text)) - 1  # scored positions
             row = {"index": record.index, "id": record.id, "length": n + 1}
             if rc:
-                row["forward_sum_log_likelihood"] = sums[i]
-                row["reverse_complement_sum_log_likelihood"] = rc_sums[i]
-                total = (sums[i] + rc_sums[i]) / 2
+                row["forward_sum_log_likelihood"] = fwd.sums[i]
+                row["reverse_complement_sum_log_likelihood"] = rc_scores.sums[i]
+                total = (fwd.sums[i] + rc_scores.sums[i]) / 2
             else:
-                total = sums[i]
+                total = fwd.sums[i]
             row["sum_log_likelihood"] = total
             row["mean_log_likelihood"] = total / n
-            if write_logits:
-                name = f"{record.index:06d}.npy"
-                np.save(logits_dir / name, logits[i].astype(np.float32))
-                row["logits"] = f"logits/{name}"
+            if outputs.logits_dir is not None:
+                row["logits"] = _save(outputs.logits_dir, f"{record.index:06d}.npy", fwd.logits[i])
+            if outputs.log_probs_dir is not None:
+                folder, name = outputs.log_probs_dir, f"{record.index:06d}"
+                row["log_probs"] = _save(folder, f"{name}.npy", fwd.log_probs[i])
+                if rc:  # in the reverse complement's own order
+                    row["reverse_complement_log_probs"] = _save(
+                        folder, f"{name}_rc.npy", rc_scores.log_probs[i]
+                    )
             rows.append(row)
         log.info("scored %d/%d sequences", min(start + batch_size, len(records)), len(records))
     return rows
@@ -180,12 +217,14 @@ def run_score(run: RunConfig) -> Path:
     if output.exists():
         output.rmdir()  # an empty folder (e.g. made by Hydra) is replaced atomically below
     with atomic_dir(output) as tmp:
-        logits_dir = tmp / "logits"
-        if score.logits:
-            logits_dir.mkdir()
-        rows = _score_all(
-            model, records, score.batch_size, score.logits, logits_dir, score.reverse_complement
+        outputs = ScoreOutputs(
+            logits_dir=tmp / "logits" if score.logits else None,
+            log_probs_dir=tmp / "log_probs" if score.log_probs else None,
         )
+        for folder in (outputs.logits_dir, outputs.log_probs_dir):
+            if folder is not None:
+                folder.mkdir()
+        rows = _score_all(model, records, score.batch_size, outputs, score.reverse_complement)
         with (tmp / "scores.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -1,0 +1,384 @@
+"""`task=generate`: sample sequences from a checkpoint, optionally after a conditioning token.
+
+    python launch.py task=generate ckpt.path=outputs/runs/evo2_tiny-ctx512 \
+        generate.condition=A generate.n=8 generate.length=200 generate.temperature=0.8 generate.top_k=4
+
+`ckpt.path` takes one of our run folders (or a step folder in it), a savanna checkpoint in any
+layout, or a vortex `.pt` (imported by the conversion package). From our checkpoints the run's saved
+config supplies the architecture, the context (`ckpt.context`), whether documents ended with EOD
+(`data.append_eod`) and the conditioning mapping (`conditions.json` next to the weights); for other
+files these come from the command line (`model=`, `ckpt.context`, `data.*`).
+
+The model sees `condition token + prompt` and samples `generate.length` new tokens (fewer when it
+emits EOD and was trained with EOD). Only printable ASCII bytes (32..126, plus EOD where it stops)
+are sampled or accepted in prompts: Evo 2's data are ASCII, and the other byte values are never
+trained. Output folder (written atomically): `generations.fasta` (the new tokens of each sequence)
+and `generations.jsonl` (one row per sequence with the prompt, condition, settings and checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from evo2_hydra.config import (
+    CkptConfig,
+    DataConfig,
+    GenerateConfig,
+    ModelConfig,
+    RunConfig,
+    ScoreDtype,
+)
+from evo2_hydra.errors import UserError
+from evo2_hydra.io_utils import atomic_dir
+from evo2_hydra.model import StripedHyena2
+from evo2_hydra.model.decode import decode_step, prefill
+from evo2_hydra.score import load_scoring_model, pick_device
+
+log = logging.getLogger(__name__)
+
+EOD = 0  # CharLevelTokenizer end of document
+PRINTABLE = range(32, 127)  # the byte values prompts may hold and sampling may produce
+CONDITIONS_FILE = "conditions.json"  # written by the finetune run next to each checkpoint
+SAVED_CONFIG = ("configs/config.yaml",)  # relative to the step folder
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def allowed_tokens(vocab_size: int, stop_at_eod: bool) -> torch.Tensor:
+    """Bool mask `[vocab]` of the tokens sampling may pick."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[PRINTABLE.start : PRINTABLE.stop] = True
+    mask[EOD] = stop_at_eod
+    return mask
+
+
+def sample_next(
+    logits: torch.Tensor,
+    settings: GenerateConfig,
+    allowed: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One token per row of `logits [B, V]` (float32, CPU): greedy at temperature 0, else
+    temperature, then top-k, then top-p (nucleus) filtering, then a draw from `generator`."""
+    logits = logits.float().masked_fill(~allowed, float("-inf"))
+    if settings.temperature == 0 or settings.top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits / settings.temperature
+    if settings.top_k > 0:
+        kth = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        # drop a token when the more likely ones already hold top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs >= settings.top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@dataclass
+class Generated:
+    tokens: list[int]  # new tokens, EOD excluded
+    stopped_at_eod: bool
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: StripedHyena2,
+    prompt_ids: list[int],
+    n: int,
+    length: int,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    cached: bool = True,
+    stop_token: int | None = None,
+) -> list[Generated]:
+    """Continue `prompt_ids` in `n` parallel sequences by up to `length` tokens.
+
+    `choose(logits [n, V] float32 CPU) -> [n]` picks each next token. With `cached`, the prompt is
+    prefilled once and each token is one `decode_step`; otherwise the whole prefix is re-run per
+    token (the reference the cached path is tested against). A sequence that emits `stop_token`
+    is finished; the batch stops when all are.
+    """
+    device = model.embedding.weight.device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device).expand(n, -1)
+    if cached:
+        cache, logits = prefill(model, ids, ids.shape[1] + length)
+        last = logits[:, -1]
+    else:
+        last = model(ids)[:, -1]
+    chosen: list[torch.Tensor] = []
+    done = torch.zeros(n, dtype=torch.bool)
+    for step in range(length):
+        token = choose(last.float().cpu())
+        chosen.append(token)
+        if stop_token is not None:
+            done |= token == stop_token
+        if done.all() or step == length - 1:
+            break
+        if cached:
+            last = decode_step(model, token.to(device), cache)
+        else:
+            ids = torch.cat((ids, token.to(device)[:, None]), dim=1)
+            last = model(ids)[:, -1]
+    out = []
+    for row in torch.stack(chosen, dim=1).tolist():
+        if stop_token is not None and stop_token in row:
+            out.append(Generated(row[: row.index(stop_token)], True))
+        else:
+            out.append(Generated(row, False))
+    return out
+
+
+# ------------------------------------------------------------------------------ what the checkpoint says
+
+
+@dataclass
+class GenerationSource:
+    """The checkpoint and the run facts generation needs, known before any weights are read."""
+
+    model: ModelConfig
+    context: int  # ckpt.context the run trained at (tokens)
+    append_eod: bool  # whether training documents ended with EOD
+    conditions: dict[str, str]  # class name -> single-byte token
+    facts_from: str  # where model/context/EOD/mapping came from
+    checkpoint: dict = field(default_factory=dict)  # what the output records about the weights
+
+
+def _saved_run_config(location) -> tuple[dict | None, Path | None]:
+    """Our checkpoints carry the run config: in the step folder, else in the run folder."""
+    candidates = []
+    if location.step_dir is not None:
+        candidates += [location.step_dir / rel for rel in SAVED_CONFIG]
+        candidates.append(location.step_dir.parent.parent / "config.yaml")  # run/checkpoints/step
+    if location.source.is_dir():
+        candidates.append(location.source / "config.yaml")
+    for path in candidates:
+        if path.is_file():
+            try:
+                saved = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as err:
+                raise UserError(f"{path}: not valid YAML ({err})") from None
+            if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+                return saved, path
+    return None, None
+
+
+def _model_from_saved(saved: dict, path: Path) -> ModelConfig:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved["model"])
+        return OmegaConf.to_object(merged)
+    except Exception as err:  # noqa: BLE001 - any schema problem is a bad file
+        raise UserError(
+            f"{path}: the saved `model` section does not fit the schema ({err})"
+        ) from None
+
+
+def _read_conditions(path: Path) -> dict[str, str]:
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(mapping, dict):
+        raise UserError(f"{path}: expected an object of class name -> token")
+    return {str(k): str(v) for k, v in mapping.items()}
+
+
+def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> GenerationSource:
+    """Locate `ckpt.path` and collect model, context, EOD use and conditioning mapping."""
+    if not ckpt.path:
+        raise UserError(
+            "task=generate needs ckpt.path (a run folder, a savanna checkpoint or a vortex .pt)"
+        )
+    from evo2_hydra.checkpoint import locate_checkpoint
+
+    location = locate_checkpoint(ckpt.path)
+    record = {
+        "path": str(ckpt.path),
+        "resolved": location.describe(),
+        "iteration": location.iteration,
+    }
+    saved, saved_path = _saved_run_config(location)
+    if saved is None:
+        conditions = (
+            {str(k): str(v) for k, v in data.condition.tokens.items()}
+            if data.condition.field is not None
+            else {}
+        )
+        return GenerationSource(
+            model, ckpt.context, data.append_eod, conditions, "the command line", record
+        )
+    saved_model = _model_from_saved(saved, saved_path)
+    if saved_model.name != model.name:
+        log.info(
+            "using the run's model %s (saved in %s), not model=%s",
+            saved_model.name,
+            saved_path,
+            model.name,
+        )
+    saved_data = saved.get("data") or {}
+    conditions_file = location.step_dir / CONDITIONS_FILE if location.step_dir else None
+    if conditions_file is not None and conditions_file.is_file():
+        conditions = _read_conditions(conditions_file)
+    else:
+        cond = saved_data.get("condition") or {}
+        conditions = dict(cond.get("tokens") or {}) if cond.get("field") else {}
+    record["run_config"] = str(saved_path)
+    return GenerationSource(
+        model=saved_model,
+        context=int((saved.get("ckpt") or {}).get("context", ckpt.context)),
+        append_eod=bool(saved_data.get("append_eod", data.append_eod)),
+        conditions={str(k): str(v) for k, v in conditions.items()},
+        facts_from=str(saved_path),
+        checkpoint=record,
+    )
+
+
+# ------------------------------------------------------------------------------ input checks
+
+
+def check_prompt(prompt: str) -> list[int]:
+    for position, char in enumerate(prompt):
+        if ord(char) not in PRINTABLE:
+            raise UserError(
+                f"generate.prompt: character {char!r} at position {position} is outside the "
+                "vocabulary (printable ASCII, byte values 32..126)"
+            )
+    return list(prompt.encode("ascii"))
+
+
+def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> list[int]:
+    """Token ids the model is fed: the condition's token (if any), then the prompt."""
+    ids = check_prompt(settings.prompt)
+    if settings.condition is not None:
+        if not source.conditions:
+            raise UserError(
+                f"generate.condition={settings.condition}: the checkpoint declares no "
+                f"conditioning mapping (read from {source.facts_from})"
+            )
+        if settings.condition not in source.conditions:
+            known = ", ".join(sorted(source.conditions))
+            raise UserError(
+                f"generate.condition={settings.condition} is not in the run's conditioning "
+                f"mapping (known: {known}; read from {source.facts_from})"
+            )
+        ids = list(source.conditions[settings.condition].encode("utf-8")) + ids
+    if not ids:
+        raise UserError(
+            "generate.prompt is empty and no generate.condition is given: nothing to start from"
+        )
+    total = len(ids) + settings.length
+    if total > source.context:
+        raise UserError(
+            f"generate.length={settings.length}: prompt ({len(ids)} tokens) + length = {total} "
+            f"exceeds the model's context ckpt.context={source.context} (from {source.facts_from})"
+        )
+    return ids
+
+
+# ------------------------------------------------------------------------------ the task
+
+
+def _output_folder(settings: GenerateConfig, run_dir: str) -> Path:
+    if settings.output:
+        output = Path(settings.output)
+        if output.exists() and any(output.iterdir()):
+            raise UserError(
+                f"generate.output={output} already exists and is not empty; choose a new folder"
+            )
+        return output
+    base = Path(run_dir) / "generations" / time.strftime("%Y%m%d-%H%M%S")
+    output, k = base, 0
+    while output.exists():
+        k += 1
+        output = base.with_name(f"{base.name}-{k}")
+    return output
+
+
+def _fasta(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        cond = f" condition={row['condition']}" if row["condition"] is not None else ""
+        lines.append(f">{row['id']}{cond} tokens={row['length']} stop={row['stop']}")
+        text = row["text"]
+        lines += [text[i : i + 80] for i in range(0, len(text), 80)] or [""]
+    return "\n".join(lines) + "\n"
+
+
+def run_generate(run: RunConfig) -> Path:
+    """Sample `generate.n` sequences; returns the output folder."""
+    settings: GenerateConfig = run.generate
+    source = describe_source(run.ckpt, run.model, run.data)
+    prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
+    output = _output_folder(settings, run.output_dir)
+    device = pick_device(run.cluster.device)
+    dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
+    model = load_scoring_model(source.model, run.ckpt, dtype, device)
+    allowed = allowed_tokens(source.model.vocab_size, stop_at_eod=source.append_eod)
+    generator = torch.Generator().manual_seed(settings.seed)
+    stop = EOD if source.append_eod else None
+    log.info(
+        "generating %d x %d tokens on %s (%s, %s)",
+        settings.n,
+        settings.length,
+        device,
+        "cached" if settings.cached else "uncached",
+        dtype,
+    )
+
+    started = time.perf_counter()
+    generated: list[Generated] = []
+    for start in range(0, settings.n, settings.batch_size):
+        batch = min(settings.batch_size, settings.n - start)
+        generated += generate_tokens(
+            model,
+            prompt_ids,
+            batch,
+            settings.length,
+            lambda logits: sample_next(logits, settings, allowed, generator),
+            cached=settings.cached,
+            stop_token=stop,
+        )
+    seconds = time.perf_counter() - started
+    new_tokens = sum(len(g.tokens) + g.stopped_at_eod for g in generated)
+    log.info("%d tokens in %.2f s (%.1f tokens/s)", new_tokens, seconds, new_tokens / seconds)
+
+    record_settings = {**asdict(settings), "dtype": settings.dtype.value, "device": str(device)}
+    rows = []
+    for i, g in enumerate(generated):
+        rows.append(
+            {
+                "index": i,
+                "id": f"gen_{i:06d}",
+                "condition": settings.condition,
+                "condition_token": source.conditions.get(settings.condition)
+                if settings.condition is not None
+                else None,
+                "prompt": settings.prompt,
+                "text": bytes(g.tokens).decode("ascii"),
+                "length": len(g.tokens),
+                "stop": "eod" if g.stopped_at_eod else "length",
+                "settings": record_settings,
+                "checkpoint": source.checkpoint,
+            }
+        )
+    if output.is_dir():
+        output.rmdir()  # an empty folder (checked above) is replaced atomically below
+    with atomic_dir(output) as tmp:
+        (tmp / "generations.fasta").write_text(_fasta(rows))
+        with (tmp / "generations.jsonl").open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    log.info("wrote %d sequences to %s", len(rows), output)
+    return output
