@@ -121,6 +121,34 @@ def test_worker_processes_give_the_same_bytes(tmp_path, monkeypatch):
         assert (tmp_path / "par.idx").read_bytes() == want_idx
 
 
+@pytest.mark.parametrize("packing", [Packing.padded, Packing.contiguous])
+@pytest.mark.parametrize("append_eod", [True, False])
+@pytest.mark.parametrize("conditioned", [True, False])
+def test_whole_chunk_fast_path_equals_line_by_line(packing, append_eod, conditioned):
+    from evo2_hydra.data import jsonl
+
+    rng = np.random.default_rng(1)
+    records = [
+        {"clade": "AB"[i % 2], "text": "".join(rng.choice(list("ACGTacgtN"), size=int(n)))}
+        for i, n in enumerate(rng.integers(1, 60, 50))
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    settings = jsonl.EncodeSettings(
+        append_eod=append_eod,
+        max_length=64 if packing == Packing.padded else None,
+        condition_field="clade" if conditioned else None,
+        condition_tokens={"A": "1", "B": "2"},
+    )
+    chunk = jsonl.Chunk("x.jsonl", data, len(data))
+    fast = jsonl._encode_whole_chunk(chunk, settings)
+    assert fast is not None  # plain ASCII documents take the fast path
+    slow = jsonl.encode_chunk(jsonl.Chunk("x.jsonl", data + b"\n", len(data)), settings)
+    assert slow.tokens == fast.tokens and slow.lengths.tolist() == fast.lengths.tolist()
+    assert fast.lines == 50 and slow.lines == 51  # the blank line forced the slow path
+    for odd in (b'{"text": "ACG\\u00e9"}\n', b'{"text": "A"}\n\n', b'{"text": ""}\n'):
+        assert jsonl._encode_whole_chunk(jsonl.Chunk("x", data + odd, 0), settings) is None
+
+
 def test_condition_field_prepends_token_and_saves_mapping(tmp_path):
     records = [
         {"text": "ACGT", "clade": "A"},
