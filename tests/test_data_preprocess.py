@@ -121,6 +121,16 @@ def test_worker_processes_give_the_same_bytes(tmp_path, monkeypatch):
         assert (tmp_path / "par.idx").read_bytes() == want_idx
 
 
+def test_worker_processes_report_the_exact_line(tmp_path, monkeypatch):
+    records = [{"text": "ACGT" * 20}] * 300
+    records[211] = {"text": 5}
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    monkeypatch.setattr(pre, "CHUNK_BYTES", 2048)  # the bad line sits in a later chunk
+    with pytest.raises(UserError, match=r"in\.jsonl:212: 'text' is a int"):
+        run(DataConfig(packing=Packing.contiguous, workers=2), [src], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 @pytest.mark.parametrize("packing", [Packing.padded, Packing.contiguous])
 @pytest.mark.parametrize("append_eod", [True, False])
 @pytest.mark.parametrize("conditioned", [True, False])

@@ -68,6 +68,12 @@ def encode_task(task: ChunkTask, settings: EncodeSettings) -> EncodedChunk:
     return encoded  # an oversized chunk (one huge line) travels through the pipe instead
 
 
+def _tokens(encoded: EncodedChunk, slot: shared_memory.SharedMemory) -> np.ndarray:
+    if isinstance(encoded.tokens, int):
+        return np.frombuffer(slot.buf, dtype=np.uint8, count=encoded.tokens)
+    return np.frombuffer(encoded.tokens, dtype=np.uint8)
+
+
 def _tasks(inputs: list[str], chunk_bytes: int) -> Iterator[tuple[int, int, int, bytes | None]]:
     for index, path in enumerate(inputs):
         if path.endswith(".gz"):
@@ -109,16 +115,13 @@ def encode_parallel(
                 return
             index, slot, consumed, future = in_flight.popleft()
             encoded = future.result()
-            if isinstance(encoded.tokens, int):
-                tokens = np.frombuffer(slots[slot].buf, dtype=np.uint8, count=encoded.tokens)
-            else:
-                tokens = np.frombuffer(encoded.tokens, dtype=np.uint8)
             # The consumer is done with the previous slot once it asks for the next chunk.
             if previous_slot is not None:
                 free.append(previous_slot)
             previous_slot = slot
-            yield Encoded(encoded, tokens, consumed, index)
-            del tokens
+            # No local reference to the slot view: when the consumer drops the chunk, the slot can
+            # be closed (a live view makes SharedMemory.close fail).
+            yield Encoded(encoded, _tokens(encoded, slots[slot]), consumed, index)
     finally:
         for _, _, _, future in in_flight:
             future.cancel()

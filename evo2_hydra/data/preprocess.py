@@ -266,6 +266,7 @@ def preprocess_jsonl(
                 for line, problem in encoded.problems:
                     where = f"{encoded.path}:{first_line + line}"
                     if settings.stop_at_first_problem:
+                        item = None  # release the shared-memory view before the workers stop
                         raise UserError(f"{where}: {problem}")
                     summary.skipped += 1
                     if len(summary.skipped_examples) < MAX_REPORTED_SKIPS:
