@@ -1,10 +1,11 @@
 """Streaming JSONL reading and per-chunk encoding to tokens, with line-numbered problems.
 
-The input is read in newline-aligned chunks of a few MiB. Each chunk is parsed line by line with the
-C JSON parser (one call per document, never per character) and the UTF-8 bytes of all its documents
-are joined into one buffer with a single `b"".join`: an EOD token is just a b"\\x00" piece between
-documents. So a chunk costs a handful of C-level passes over its bytes, and chunks are independent,
-which lets `preprocess` farm them out to worker processes.
+The input is read in newline-aligned chunks of about 1 MiB. A chunk of plain documents is parsed
+by a single orjson call (its lines joined into one JSON array) and its texts joined into one token
+buffer in one go, an EOD being a "\\x00" separator; anything unusual in a chunk sends it through
+the line-by-line path, which gives the same bytes plus the exact line number of each problem. Either
+way the work is a handful of C-level passes per chunk (never per character in Python), and chunks
+are independent, which lets `preprocess` farm them out to worker processes.
 """
 
 from __future__ import annotations
@@ -13,11 +14,6 @@ import contextlib
 import gzip
 import queue
 import threading
-
-try:  # orjson parses 3-5x faster; the standard library gives the same objects
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover
-    from json import loads as _loads
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -25,6 +21,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+try:  # orjson parses 3-5x faster; the standard library gives the same objects
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
 
 from evo2_hydra.errors import UserError
 
