@@ -3,12 +3,13 @@
     python launch.py task=preprocess data.input=IN.jsonl data.output_prefix=PREFIX \
         data.packing=padded ckpt.context=4096
 
-writes PREFIX_text_CharLevelTokenizer_document.{bin,idx} (padded ⇔ savanna's
+writes D.bin and D.idx with D = PREFIX_text_CharLevelTokenizer_document (padded ⇔ savanna's
 `--enforce-sample-length ckpt.context`, contiguous ⇔ no flag, data.append_eod ⇔ `--append-eod`),
-PREFIX_conditions.json when conditioning tokens are configured, and PREFIX_lengths.png.
+plus D_lengths.png, D_summary.json and, when conditioning tokens are configured, D_conditions.json.
 
 Streaming: chunks go through `jsonl.encode_chunk` (in worker processes when that helps) and are
-written in input order; memory holds a few chunks plus 4 bytes per document for the index.
+written in input order; memory holds a few chunks plus 8 bytes per document (lengths for the
+index and the summary).
 All outputs are written under temporary names and renamed only when the whole input was good.
 """
 
