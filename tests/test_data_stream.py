@@ -271,3 +271,18 @@ def test_prepared_data_carries_the_condition_mapping(tmp_path):
     # the saved mapping is found again from the BIN/IDX prefix alone
     plain = config(tmp_path, input=prepared.train[0].prefix, split="1,0,0")
     assert prepare_data(plain, 16, data.cache_dir).condition_tokens == {"A": "1", "B": "2"}
+
+
+def test_savanna_written_files_train_here(tmp_path):
+    """BIN/IDX bytes as savanna writes them (the independent writer of the preprocess tests)."""
+    from tests.test_data_preprocess import reference_files
+
+    texts = ["1ACGTA", "2GGCC", "1TTTTTT"]
+    data_bytes, index_bytes = reference_files(texts, True, 16)
+    (tmp_path / "sv.bin").write_bytes(data_bytes)
+    (tmp_path / "sv.idx").write_bytes(index_bytes)
+    data = config(tmp_path, input=str(tmp_path / "sv"), split="1,0,0", to_upper=ToUpper.none)
+    prepared = prepare_data(data, 16, data.cache_dir)
+    batch = next(build_train_stream(data, prepared, 16, 3, 0, 1, seed=0))
+    rows = sorted(bytes(r[r != 1].tolist()) for r in batch["input_ids"])
+    assert rows == sorted(t.encode() + b"\0" for t in texts)
