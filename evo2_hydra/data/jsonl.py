@@ -63,7 +63,7 @@ class Chunk:
 class EncodedChunk:
     path: str
     tokens: bytes  # all documents' token bytes, EOD pieces included, unpadded
-    lengths: np.ndarray  # int64 tokens per document (conditioning token and EOD included)
+    lengths: np.ndarray  # int32 tokens per document (conditioning token and EOD included)
     problems: list[tuple[int, str]]  # (0-based line within the chunk, what is wrong)
     input_bytes: int
     lines: int  # lines in the chunk (the caller turns chunk-relative line numbers into absolute)
@@ -219,10 +219,10 @@ def _encode_whole_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk 
         if not all(type(t) is str and len(t) == 1 for t in tokens):
             return None
         joined = "".join([piece for pair in zip(tokens, texts, repeat(eod)) for piece in pair])
-        lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts)) + 1
+        lengths = np.fromiter((len(t) for t in texts), np.int32, len(texts)) + 1
     else:
         joined = eod.join(texts) + eod
-        lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+        lengths = np.fromiter((len(t) for t in texts), np.int32, len(texts))
     if not joined.isascii():  # byte lengths differ from character lengths
         return None
     lengths += len(eod)
@@ -342,7 +342,7 @@ def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
     return EncodedChunk(
         path=chunk.path,
         tokens=b"".join(pieces),
-        lengths=np.asarray(lengths, dtype=np.int64),
+        lengths=np.asarray(lengths, dtype=np.int32),
         problems=problems,
         input_bytes=size,
         lines=i + 1,

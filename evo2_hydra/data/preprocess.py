@@ -8,7 +8,7 @@ writes D.bin and D.idx with D = PREFIX_text_CharLevelTokenizer_document (padded 
 plus D_lengths.png, D_summary.json and, when conditioning tokens are configured, D_conditions.json.
 
 Streaming: chunks go through `jsonl.encode_chunk` (in worker processes when that helps) and are
-written in input order; memory holds a few chunks plus 8 bytes per document (lengths for the
+written in input order; memory holds a few chunks plus 4 bytes per document (lengths for the
 index and the summary).
 All outputs are written under temporary names and renamed only when the whole input was good.
 """
