@@ -30,6 +30,7 @@ from evo2_hydra.data.jsonl import (
     plan_ranges,
     read_range,
 )
+from evo2_hydra.data.tokenizer import DISK_DTYPE
 
 
 @dataclass
@@ -47,7 +48,9 @@ class Encoded:
     """An encoded chunk whose tokens are either in `chunk.tokens` or in a shared slot."""
 
     chunk: EncodedChunk
-    tokens: np.ndarray  # uint8 view of the tokens (valid until the slot is reused)
+    tokens: (
+        np.ndarray
+    )  # uint8 tokens, or uint16 already widened (a view, valid until the next chunk)
     consumed: int
     index: int  # which input file
 
@@ -56,21 +59,32 @@ _ATTACHED: dict[str, shared_memory.SharedMemory] = {}
 
 
 def encode_task(task: ChunkTask, settings: EncodeSettings) -> EncodedChunk:
-    """Worker side: read, encode, copy the token bytes into the slot; return the metadata."""
+    """Worker side: read, encode, put the tokens into the slot; return the metadata.
+
+    Contiguous packing: the worker already widens to the on-disk uint16, so the main process only
+    writes the slot to the .bin. Padded packing: uint8 (the main process lays out the rows).
+    """
     data = task.data if task.data is not None else read_range(task.path, task.start, task.end)
     encoded = encode_chunk(Chunk(task.path, data, task.end), settings)
-    if len(encoded.tokens) <= task.slot_bytes:
+    dtype = DISK_DTYPE if settings.max_length is None else np.dtype(np.uint8)
+    count = len(encoded.tokens)
+    if count * dtype.itemsize <= task.slot_bytes:
         shm = _ATTACHED.get(task.slot)
         if shm is None:
             shm = _ATTACHED[task.slot] = shared_memory.SharedMemory(name=task.slot)
-        shm.buf[: len(encoded.tokens)] = encoded.tokens
-        encoded.tokens = len(encoded.tokens)  # type: ignore[assignment] - count, data in slot
+        out = np.ndarray((count,), dtype=dtype, buffer=shm.buf)
+        np.copyto(out, np.frombuffer(encoded.tokens, dtype=np.uint8))
+        del out
+        encoded.tokens = count  # type: ignore[assignment] - the data is in the slot
     return encoded  # an oversized chunk (one huge line) travels through the pipe instead
 
 
-def _tokens(encoded: EncodedChunk, slot: shared_memory.SharedMemory) -> np.ndarray:
+def _tokens(
+    encoded: EncodedChunk, slot: shared_memory.SharedMemory, settings: EncodeSettings
+) -> np.ndarray:
     if isinstance(encoded.tokens, int):
-        return np.frombuffer(slot.buf, dtype=np.uint8, count=encoded.tokens)
+        dtype = DISK_DTYPE if settings.max_length is None else np.dtype(np.uint8)
+        return np.frombuffer(slot.buf, dtype=dtype, count=encoded.tokens)
     return np.frombuffer(encoded.tokens, dtype=np.uint8)
 
 
@@ -89,7 +103,8 @@ def encode_parallel(
 ) -> Iterator[Encoded]:
     """Encoded chunks of all inputs, in input order, encoded by `workers` processes."""
     n_slots = 2 * workers
-    slot_bytes = 2 * chunk_bytes  # tokens never outnumber input bytes, plus room for one long line
+    # Tokens never outnumber input bytes; uint16 doubles that; twice again for a long last line.
+    slot_bytes = 4 * chunk_bytes
     slots = [shared_memory.SharedMemory(create=True, size=slot_bytes) for _ in range(n_slots)]
     free = deque(range(n_slots))
     in_flight: deque = deque()
@@ -121,7 +136,7 @@ def encode_parallel(
             previous_slot = slot
             # No local reference to the slot view: when the consumer drops the chunk, the slot can
             # be closed (a live view makes SharedMemory.close fail).
-            yield Encoded(encoded, _tokens(encoded, slots[slot]), consumed, index)
+            yield Encoded(encoded, _tokens(encoded, slots[slot], settings), consumed, index)
     finally:
         for _, _, _, future in in_flight:
             future.cancel()

@@ -184,6 +184,11 @@ class BinWriter:
         self.turn = (self.turn + 1) % self.RING
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self.max_length is None and tokens.dtype == tokenizer.DISK_DTYPE:
+            # Widened by a worker into shared memory that is reused after this call: write now.
+            self.drain()
+            self.file.write(tokens.data)
+            return
         if self.max_length is None:  # contiguous: the documents as they are
             out = self._scratch(len(tokens))
             np.copyto(out, tokens)
@@ -209,11 +214,14 @@ class BinWriter:
             self._submit(out)
         self.padded_tokens += len(lengths) * width - len(tokens)
 
+    def drain(self) -> None:
+        """Wait for every queued write (re-raising a failed one)."""
+        while self.pending:
+            self.pending.popleft().result()
+
     def close(self) -> None:
-        """Wait for every write (re-raising a failed one) and stop the thread."""
         try:
-            while self.pending:
-                self.pending.popleft().result()
+            self.drain()
         finally:
             self.thread.shutdown(wait=True)
 
