@@ -460,7 +460,11 @@ def write_torch_dist(
             )
             dcp.save(
                 placeholders,
-                storage_writer=FileSystemWriter(str(weights_dir), single_file_per_rank=False),
+                # No fsync per file (hundreds of them): like the other targets, the folder is
+                # complete when it is renamed into place.
+                storage_writer=FileSystemWriter(
+                    str(weights_dir), single_file_per_rank=False, sync_files=False
+                ),
                 planner=_lazy_save_planner(producers, on_tensor),
                 no_dist=True,
             )
@@ -488,7 +492,8 @@ def write_zarr_array(folder: Path, tensor: Tensor) -> None:
     (folder / ".zarray").write_text(json.dumps(meta))
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     chunk_name = ".".join("0" for _ in tensor.shape) or "0"
-    (folder / chunk_name).write_bytes(raw.numpy().tobytes())
+    with open(folder / chunk_name, "wb") as f:
+        f.write(raw.numpy().data)  # no copy: straight from the (often memory-mapped) tensor
 
 
 def write_zarr(

@@ -169,6 +169,24 @@ class TorchSaveStream:
         self._finished = True
 
 
+def return_freed_memory_to_os() -> None:
+    """Make glibc hand large freed blocks back to the OS at once.
+
+    glibc raises its mmap threshold after a large block is freed (up to 32 MB), so the next
+    tensors of that size come from the heap and stay counted as our memory after they are freed:
+    a streaming conversion would look like it holds many tensors. A fixed 1 MB threshold keeps
+    every tensor above it in its own mapping, unmapped on free.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (also disables the dynamic adjustment)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def storage_crc32(storage: torch.UntypedStorage) -> str:
     if storage.nbytes() == 0:
         return f"{0:08x}"

@@ -26,6 +26,7 @@ from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.stream import (
     TorchSaveStream,
     conversion_progress,
+    return_freed_memory_to_os,
     tensor_crc32,
     tensor_nbytes,
     write_manifest,
@@ -89,6 +90,7 @@ def write_vortex_file(path: Path, state: Mapping[str, Any], cfg: ModelConfig, pr
 
 
 def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    return_freed_memory_to_os()
     src = load_source(conv, source)
     if src.kind == "vortex":
         raise UserError(
@@ -126,6 +128,7 @@ def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
 
 
 def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    return_freed_memory_to_os()
     src = load_source(conv, source)
     state = checked_state(src)
     cfg = src.model
@@ -190,6 +193,7 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
     from evo2_hydra.checkpoint.loader import load_module_state_dict
     from evo2_hydra.convert.reshard import CAST_DTYPES, check_mp_size, write_savanna_dir
 
+    return_freed_memory_to_os()
     src = load_source(conv, source)
     cfg = src.model
     state = src.merged()
