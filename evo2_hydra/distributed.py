@@ -27,6 +27,16 @@ from evo2_hydra.errors import UserError
 log = logging.getLogger(__name__)
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Set when we exported the variables ourselves for a single process, so a later call in the same
+# process (tests, notebooks) can tell them from a real launcher's.
+SINGLE_MARKER = "EVO2_HYDRA_SINGLE_PROCESS"
+
+
+def launched_externally() -> bool:
+    """True inside torchrun / submitit / one of our local rank processes."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        return True
+    return "RANK" in os.environ and not os.environ.get(SINGLE_MARKER)
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ def resolve_device_kind(device: Device) -> str:
 
 def export_launcher_env() -> str:
     """Make sure the env:// variables exist; return which launcher provided them."""
-    if all(var in os.environ for var in _DIST_VARS):
+    if all(var in os.environ for var in _DIST_VARS) and not os.environ.get(SINGLE_MARKER):
         os.environ.setdefault("LOCAL_RANK", "0")
         return "torchrun"
     if os.environ.get("SUBMITIT_EXECUTOR"):
@@ -76,6 +86,8 @@ def export_launcher_env() -> str:
             set_cuda_visible_devices=False, overwrite=True
         )
         return "submitit"
+    # A single process (or a child that inherited our single-process values): fresh values, so a
+    # subprocess never reuses its parent's MASTER_PORT.
     os.environ.update(
         RANK="0",
         WORLD_SIZE="1",
@@ -84,6 +96,7 @@ def export_launcher_env() -> str:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
     )
+    os.environ[SINGLE_MARKER] = "1"
     return "single"
 
 

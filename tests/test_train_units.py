@@ -237,8 +237,9 @@ def test_gpu_requested_where_none_exists(monkeypatch):
 
 
 def test_world_size_mismatch_is_named(monkeypatch):
-    from evo2_hydra.distributed import export_launcher_env, setup_distributed
+    from evo2_hydra.distributed import SINGLE_MARKER, export_launcher_env, setup_distributed
 
+    monkeypatch.delenv(SINGLE_MARKER, raising=False)  # as if torchrun started this process
     for var, value in dict(
         RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
     ).items():

@@ -1,0 +1,103 @@
+"""`cluster=local cluster.tasks=N`: start N rank processes on this machine, torchrun-style.
+
+Each child gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and the already-composed
+RunConfig (pickled by multiprocessing's spawn), then runs the same per-rank code a torchrun or Slurm
+task runs. The parent forwards SIGTERM/SIGINT to the children (each saves a checkpoint and exits)
+and turns a child's UserError back into a UserError.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from evo2_hydra.distributed import SINGLE_MARKER, free_port
+from evo2_hydra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _child(
+    rank: int, world: int, port: int, target: Callable[[Any], Any], arg: Any, results
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    # this process is a plain local rank, whatever the parent process was
+    os.environ.pop("SUBMITIT_EXECUTOR", None)
+    os.environ.pop(SINGLE_MARKER, None)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    if rank != 0:
+        os.environ["EVO2_NO_PROGRESS"] = "1"
+    try:
+        results.put((rank, "ok", target(arg)))
+    except UserError as err:
+        results.put((rank, "user_error", str(err)))
+        raise SystemExit(2) from None
+    except BaseException as err:
+        results.put((rank, "error", f"{type(err).__name__}: {err}"))
+        raise
+
+
+def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any:
+    """Run `target(arg)` in `world` processes; return rank 0's result."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(r, world, port, target, arg, results), name=f"rank{r}")
+        for r in range(world)
+    ]
+    forwarded = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def forward(signum, _frame):
+        log.warning("%s: forwarding to %d local ranks", signal.Signals(signum).name, world)
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    for sig in forwarded:
+        signal.signal(sig, forward)
+    try:
+        for p in procs:
+            p.start()
+        outcome: dict[int, tuple[str, Any]] = {}
+        while len(outcome) < world:
+            if all(not p.is_alive() for p in procs) and results.empty():
+                break
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except Exception:  # queue.Empty: poll liveness again
+                continue
+            outcome[rank] = (status, value)
+            if status != "ok":
+                break  # one rank failed: the others cannot finish their collectives
+        for p in procs:
+            p.join(timeout=None if all(s == "ok" for s, _ in outcome.values()) else 20)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for sig, old in forwarded.items():
+            signal.signal(sig, old)
+    failures = {r: v for r, (s, v) in outcome.items() if s != "ok"}
+    user_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "user_error"]
+    if user_errors:
+        raise UserError(user_errors[0])
+    if failures or 0 not in outcome:
+        codes = {p.name: p.exitcode for p in procs}
+        raise RuntimeError(f"local ranks failed: {failures or codes}")
+    return outcome[0][1]
