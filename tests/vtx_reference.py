@@ -1,4 +1,4 @@
-"""Reusable harness: random savanna-layout weights, a minimal savanna -> vortex mapping, and running
+"""Reusable harness: random savanna-layout weights, the savanna -> vortex exporter, and running
 the public `vtx` (vortex) model on CPU in float32 as an independent logits reference.
 
 Used by tests/test_vtx_reference.py (the model cross-check) and reusable by the converter tests:
@@ -135,55 +135,16 @@ def random_savanna_state_dict(
 
 
 def savanna_to_vortex(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Rename and transform a savanna state dict into the vortex file layout (vortex.md §1.7).
+    """The savanna -> vortex file layout through the real exporter (evo2_hydra.convert.vortex).
 
-    Attention Wqkv rows stay in savanna's per-head order (vortex permutes at load). The hcm filter
-    is `(h[:, :128] * decay[:, :128])` formed in the checkpoint dtype like the upstream converter.
-    `inv_freq` is upcast to fp32 (its values unchanged): vtx recomputes it from the base otherwise.
+    Renames and transforms of vortex.md §1.7: Wqkv rows in savanna's per-head order (vortex
+    permutes at load), hcm `(h * decay)[:, :128]` formed in the checkpoint dtype, hcl log-poles and
+    residues in fp32, `inv_freq` upcast to fp32 (vtx recomputes a non-fp32 one from the base).
+    tests/test_convert_vortex.py checks the exporter's file end to end; here it feeds the model test.
     """
-    n = cfg.num_layers
-    out: dict[str, Tensor] = {}
-    emb = state["sequential.0.word_embeddings.weight"]
-    out["embedding_layer.weight"] = emb
-    out["unembed.weight"] = emb
-    out["norm.scale"] = state[f"sequential.{n + 3}.norm.weight"]
-    for layer, kind in enumerate(cfg.layer_types()):
-        s, b = f"sequential.{layer + 2}.", f"blocks.{layer}."
-        out[b + "pre_norm.scale"] = state[s + "input_layernorm.weight"]
-        out[b + "post_norm.scale"] = state[s + "pre_mlp_layernorm.weight"]
-        for i in (1, 2, 3):
-            out[b + f"mlp.l{i}.weight"] = state[s + f"mlp.w{i}.weight"]
-        if kind == "attention":
-            out[b + "inner_mha_cls.Wqkv.weight"] = state[s + "mixer.dense_projection.weight"]
-            out[b + "inner_mha_cls.out_proj.weight"] = state[s + "mixer.dense.weight"]
-            out[b + "inner_mha_cls.out_proj.bias"] = state[s + "mixer.dense.bias"]
-            out[b + "inner_mha_cls.rotary_emb.inv_freq"] = state[
-                s + "mixer.rotary_emb.inv_freq"
-            ].float()
-            continue
-        out[b + "projections.weight"] = state[s + "mixer.dense_projection.weight"]
-        out[b + "filter.short_filter_weight"] = state[
-            s + "mixer.hyena_proj_conv.short_conv_weight"
-        ][:, None]
-        out[b + "out_filter_dense.weight"] = state[s + "mixer.dense.weight"]
-        out[b + "out_filter_dense.bias"] = state[s + "mixer.dense.bias"]
-        if kind == "hcs":
-            out[b + "filter.h"] = state[s + "mixer.mixer.short_conv.short_conv_weight"]
-        elif kind == "hcm":
-            taps = cfg.hcm_filter_len
-            h = (
-                state[s + "mixer.mixer.filter.h"][:, :taps]
-                * state[s + "mixer.mixer.filter.decay"][:, :taps]
-            )
-            out[b + "filter.h"] = h.unsqueeze(1)
-            out[b + "filter.D"] = state[s + "mixer.mixer.conv_bias"]
-        else:
-            p = state[s + "mixer.mixer.filter.p"].float()
-            gamma = state[s + "mixer.mixer.filter.gamma"].float()
-            out[b + "filter.log_poles"] = (-torch.exp(p) * torch.exp(gamma))[..., None]
-            out[b + "filter.residues"] = state[s + "mixer.mixer.filter.R"].float()
-            out[b + "filter.D"] = state[s + "mixer.mixer.conv_bias"]
-    return out
+    from evo2_hydra.convert.vortex import savanna_to_vortex as export
+
+    return dict(export(state, cfg))
 
 
 def vortex_config(cfg: ModelConfig) -> dict:
