@@ -303,7 +303,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     no_decay_set: NoDecaySet = NoDecaySet.savanna
     grad_clip: float = 1.0
-    activation_checkpointing: bool = False  # recompute each block in backward
+    # recompute each block in backward (savanna finetunes checkpoint every layer; the demo turns it off)
+    activation_checkpointing: bool = True
     save_every: int = 100  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept; older ones are pruned
     eval_every: int = 50

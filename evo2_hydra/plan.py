@@ -92,8 +92,14 @@ def _model_builder(run: RunConfig) -> PlanSection:
     return model_section(run.model, run.ckpt.context, weight_dtype(run.train.precision))
 
 
+def _memory_builder(run: RunConfig) -> PlanSection:
+    from evo2_hydra.train.memory import memory_section  # TRAIN's per-GPU memory estimate
+
+    return memory_section(run)
+
+
 # Each builder takes the run config and returns one section, in report order.
-SECTION_BUILDERS: list[Callable[[RunConfig], PlanSection]] = [_model_builder]
+SECTION_BUILDERS: list[Callable[[RunConfig], PlanSection]] = [_model_builder, _memory_builder]
 
 
 def build_plan(run: RunConfig) -> list[PlanSection]:

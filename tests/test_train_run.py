@@ -85,6 +85,7 @@ def latest(run: RunConfig) -> str:
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")])
 def test_zero_stage_trains_saves_and_resumes(make_run, stage, precision):
     args = (f"train.zero_stage={stage}", f"train.precision={precision}", "train.save_every=2")
+    args += (f"train.activation_checkpointing={stage in (0, 3)}",)  # recompute blocks in backward
     run = make_run("run", *args, "train.steps=3", "train.keep_last=1", "train.eval_every=3")
     out = run_finetune(run)
     assert out["last_step"] == 3 and out["stopped_by"] is None
