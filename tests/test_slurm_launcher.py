@@ -180,3 +180,54 @@ def test_launcher_submits_one_array_with_cluster_shape(tmp_path, monkeypatch, ca
     assert "submitted Slurm array job 42" in out
     assert "squeue -j 42" in out and "sacct -j 42" in out
     assert str(Path(tmp_path) / "sweeps/evo2_tiny/ckpt.context=64") in out
+
+
+def _task_side(monkeypatch, value):
+    """Run the launcher's in-task wrapper around a task that returned `value`.
+
+    (The base class is patched through launcher_mod: Hydra's plugin scan re-executes the plugin
+    module, so a fresh import may hold a different SlurmLauncher class object.)"""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+    monkeypatch.setattr(launcher_mod.SlurmLauncher, "__call__", lambda self, *a, **k: ret)
+    requeued = []
+    monkeypatch.setattr(launcher_mod, "_requeue_after_time_limit", lambda: requeued.append(1))
+    return launcher_mod.Evo2SlurmLauncherBase()([], "hydra.sweep.dir", 0, "id", {}), requeued
+
+
+def test_task_finished_returns_its_result(monkeypatch):
+    ret, requeued = _task_side(monkeypatch, {"stopped_by": None, "last_step": 8})
+    assert ret.return_value["last_step"] == 8 and not requeued
+
+
+def test_task_stopped_by_signal_leaves_no_result(monkeypatch):
+    """SystemExit inside the submitit task = no result pickle: the launcher waits for the
+    requeued attempt instead of taking this interrupted one as the outcome."""
+    with pytest.raises(SystemExit):
+        _task_side(monkeypatch, {"stopped_by": "SIGTERM", "last_step": 3})
+
+
+def test_time_limit_signal_checkpoints_then_requeues(monkeypatch):
+    import os
+    import signal
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    got_term = []
+
+    def task(self, *args, **kwargs):
+        # what training does: its own SIGTERM handler, then the time-limit signal arrives
+        previous = signal.signal(signal.SIGTERM, lambda *a: got_term.append(1))
+        try:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return JobReturn(status=JobStatus.COMPLETED, _return_value={"stopped_by": "SIGTERM"})
+
+    monkeypatch.setattr(launcher_mod.SlurmLauncher, "__call__", task)
+    requeued = []
+    monkeypatch.setattr(launcher_mod, "_requeue_after_time_limit", lambda: requeued.append(1))
+    with pytest.raises(SystemExit):
+        launcher_mod.Evo2SlurmLauncherBase()([], "hydra.sweep.dir", 0, "id", {})
+    assert got_term == [1] and requeued == [1]

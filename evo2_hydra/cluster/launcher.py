@@ -18,6 +18,7 @@ time-limit signal (USR2) first asks training to checkpoint, then requeues (`max_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -367,8 +368,9 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
 
 class _TimeLimitSignal:
     """Slurm sends USR2 `signal_delay_s` before the time limit (sbatch --signal). submitit would
-    requeue at once from inside the handler (rank 0 only, mid-step); instead we turn it into the
-    SIGTERM training already handles on every rank (finish the step, save), then requeue."""
+    requeue at once from inside the handler (rank 0 only, mid-step, no checkpoint); instead we
+    turn it into the SIGTERM training already handles on every rank (finish the step, save), and
+    requeue after training returned."""
 
     def __init__(self) -> None:
         self.received = False
@@ -378,19 +380,15 @@ class _TimeLimitSignal:
         log.warning("time-limit signal: checkpointing, then requeue")
         os.kill(os.getpid(), signal.SIGTERM)
 
+    @contextlib.contextmanager
     def installed(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
-            old = signal.signal(sig, self._handler)
-            try:
-                yield self
-            finally:
-                signal.signal(sig, old)
-
-        return ctx()
+        # the same signal submitit asks sbatch for (SUBMITIT_PREEMPT_SIGNAL, default USR2)
+        sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+        old = signal.signal(sig, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(sig, old)
 
 
 def _requeue_after_time_limit() -> None:
