@@ -149,6 +149,9 @@ def setup_distributed(cluster: ClusterConfig) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
 
+    # DeepSpeed's import probes for libaio by compiling a test program; setuptools logs each gcc
+    # command at INFO. Keep the console for our own messages.
+    logging.getLogger("compilers").setLevel(logging.WARNING)
     import deepspeed
 
     if kind == "cpu":

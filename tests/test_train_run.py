@@ -296,3 +296,14 @@ def test_cli_missing_checkpoint_is_one_line(run_entry, tmp_path):
         res.stderr.strip().splitlines()[-1]
         == f"error: ckpt.path={tmp_path / 'nope.pt'}: no such file or folder"
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_finetune_steps_with_nccl(make_run):
+    """The same code on a GPU: nccl, fused AdamW, bf16, CUDA memory in the metrics."""
+    run = make_run("run", "cluster.device=cuda", "train.zero_stage=1", "train.steps=3")
+    out = run_finetune(run)
+    assert out["last_step"] == 3
+    train = [r for r in read_metrics(Path(run.output_dir)) if r["kind"] == "train"]
+    assert all(r["memory_gb"] > 0 for r in train)

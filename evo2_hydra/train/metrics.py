@@ -112,10 +112,7 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.add_scalar("valid/loss", loss, step)
             self._tb.add_scalar("valid/perplexity", ppl, step)
-        message = f"step {step}: valid loss {loss:.4f}, perplexity {ppl:.3f}"
-        if self._bar is not None and not self._bar.disable:
-            self._bar.write(message)
-        log.info(message)
+        log.info("step %d: valid loss %.4f, perplexity %.3f", step, loss, ppl)
 
     def close(self) -> None:
         if self._bar is not None:
