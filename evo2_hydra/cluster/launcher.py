@@ -235,7 +235,15 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
         points = [p for _, p in loaded]
         cluster = points[0].run.cluster
         check_launcher_mirrors(self.params, cluster)
-        check_site(cluster)
+        first = points[0].run
+        previewing = first.dry_run or first.task == Task.plan
+        try:
+            check_site(cluster)
+        except UserError as err:
+            if not previewing:
+                raise
+            # a dry run is also for machines without Slurm: show what would be submitted
+            print(f"warning: {err}", file=sys.stderr)
         params = executor_params(self.params, cluster)
 
         folder = Path(str(params.pop("submitit_folder"))).absolute()
@@ -250,8 +258,7 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
             **{k if k in base_keys else f"slurm_{k}": v for k, v in params.items()}
         )
 
-        first = points[0].run
-        if first.dry_run or first.task == Task.plan:
+        if previewing:
             self._print_plan(executor, points, cluster)
             if first.task == Task.plan and not first.dry_run:
                 return [self._run_here(p.overrides, i) for i, p in enumerate(points)]
