@@ -231,3 +231,26 @@ def test_time_limit_signal_checkpoints_then_requeues(monkeypatch):
     with pytest.raises(SystemExit):
         launcher_mod.Evo2SlurmLauncherBase()([], "hydra.sweep.dir", 0, "id", {})
     assert got_term == [1] and requeued == [1]
+
+
+def test_no_wait_returns_after_submission(tmp_path, monkeypatch, capsys):
+    import hydra
+
+    from evo2_hydra.cli import run_launch
+
+    monkeypatch.setattr(launcher_mod, "check_site", lambda cluster: [])
+    executor = mock.MagicMock()
+    job = mock.MagicMock()
+    job.job_id = "43"
+    executor.map_array.return_value = [job]
+    monkeypatch.setattr("submitit.AutoExecutor", mock.MagicMock(return_value=executor))
+    monkeypatch.setattr(
+        "sys.argv",
+        ["launch.py", "cluster=slurm", "cluster.partition=gpu", "cluster.wait=false"]
+        + [f"paths.output_root={tmp_path}"],
+    )
+    app = hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="train")
+    app(run_launch)()
+    job.results.assert_not_called()
+    out = capsys.readouterr().out
+    assert "submitted Slurm array job 43" in out and "not waiting" in out
