@@ -110,6 +110,7 @@ def measure(cmd: list[str]) -> dict[str, float]:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr.decode()[-3000:]}")
     return {
         "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "peak_rss_anon_mb": peak[0] / 1024,
         "max_rss_mb": usage.ru_maxrss / 1024,
     }
