@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from evo2_hydra.checkpoint.layout import locate_checkpoint
 from evo2_hydra.checkpoint.loader import load_module_state_dict
 from evo2_hydra.checkpoint.safe_load import safe_load
+from evo2_hydra.checkpoint.writer import verify_manifest
 from evo2_hydra.convert.reshard import check_mp_size
 from evo2_hydra.convert.run import run_convert
 from evo2_hydra.errors import UserError
@@ -65,6 +66,8 @@ def test_mp_split_merge_round_trips_byte_exactly(tmp_path, compose_cfg):
         "savanna.mp=1",
     )
 
+    # The step manifest (CRC32s computed while streaming) passes checkpoint/writer.py's own check.
+    assert verify_manifest(locate_checkpoint(tmp_path / "mp4").step_dir) == []
     four = [safe_load(f)["module"] for f in files(tmp_path / "mp4")]
     assert len(four) == 4 and four[0]["sequential.5.mixer.dense_projection.weight"].shape == (
         48,
