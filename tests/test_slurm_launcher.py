@@ -88,7 +88,8 @@ def test_executor_params_one_task_per_gpu_and_site_lists():
     )
     params = executor_params({"setup": ["export A=1"], "signal_delay_s": 120}, cluster)
     assert params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["nodes"] == 2
-    assert params["setup"] == ["export A=1", "module load cuda"]
+    assert params["setup"][1:] == ["export A=1", "module load cuda"]
+    assert params["setup"][0].startswith(f"export PYTHONPATH={REPO}")
     assert params["additional_parameters"] == {"mail-type": "END"}
     assert params["signal_delay_s"] == 120
     cpu = executor_params({}, slurm_cluster(gpus_per_node=0, tasks_per_node=3))
@@ -169,7 +170,7 @@ def test_launcher_submits_one_array_with_cluster_shape(tmp_path, monkeypatch, ca
     app(run_launch)()
     params = executor.update_parameters.call_args.kwargs
     assert params["nodes"] == 2 and params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4
-    assert params["slurm_partition"] == "gpu" and params["slurm_setup"] == ["module load cuda"]
+    assert params["slurm_partition"] == "gpu" and params["slurm_setup"][1:] == ["module load cuda"]
     assert executor.map_array.call_count == 1
     overrides = executor.map_array.call_args.args[1]
     assert sorted(o for ov in overrides for o in ov if o.startswith("ckpt.context")) == [

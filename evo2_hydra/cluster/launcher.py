@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from evo2_hydra.cluster.site import check_site, tasks_per_node
-from evo2_hydra.config import ClusterConfig, ConfigError, RunConfig, Task
+from evo2_hydra.config import REPO_ROOT, ClusterConfig, ConfigError, RunConfig, Task
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,10 @@ def executor_params(params: dict[str, Any], cluster: ClusterConfig) -> dict[str,
         out[launcher_key] = getattr(cluster, cluster_key)
     out["tasks_per_node"] = tasks_per_node(cluster)
     out["gpus_per_node"] = cluster.gpus_per_node or None  # no --gpus-per-node on CPU partitions
-    out["setup"] = [*(params.get("setup") or []), *cluster.setup] or None
+    # The job unpickles this launcher (hydra_plugins.evo2_slurm_launcher) and imports evo2_hydra:
+    # make both importable whatever folder launch.py was started from.
+    pythonpath = f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"
+    out["setup"] = [pythonpath, *(params.get("setup") or []), *cluster.setup]
     out["additional_parameters"] = {
         **(params.get("additional_parameters") or {}),
         **cluster.additional_parameters,
