@@ -268,8 +268,10 @@ def finetune_this_rank(run: RunConfig) -> dict:
             run.seed,
             train.eval_steps,
         )
-        if dist.is_main and resume:
-            truncate_metrics(run_dir, start_step)
+        if dist.is_main:
+            # records after the checkpoint we continue from (or all, when starting over in a
+            # folder whose earlier attempt never saved) would otherwise appear twice
+            truncate_metrics(run_dir, start_step if resume else -1)
         metrics = MetricsLogger(run_dir, train.steps, start_step, enabled=dist.is_main)
         yaml_text = config_yaml(run)
 
