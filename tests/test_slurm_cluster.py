@@ -223,7 +223,7 @@ def test_two_task_finetune_trains_checkpoints_and_loads(launched):
     job = launched[0]["two_task"]
     res = job.result()
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "submitted Slurm array job" in res.stdout and "squeue -j" in res.stdout
+    assert "submitted Slurm job" in res.stdout and "squeue -j" in res.stdout
     (run_dir,) = run_folders(res.stdout)
     # named after its overrides, under the sweep dir
     assert run_dir.parent == job.out / "sweeps" / "evo2_tiny"

@@ -254,4 +254,4 @@ def test_no_wait_returns_after_submission(tmp_path, monkeypatch, capsys):
     app(run_launch)()
     job.results.assert_not_called()
     out = capsys.readouterr().out
-    assert "submitted Slurm array job 43" in out and "not waiting" in out
+    assert "submitted Slurm job 43" in out and "not waiting" in out

@@ -276,7 +276,8 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
 
         array_id = jobs[0].job_id.split("_")[0]
         print(
-            f"submitted Slurm array job {array_id}: {len(jobs)} task group(s) x "
+            f"submitted Slurm {'array job' if len(jobs) > 1 else 'job'} {array_id}: "
+            f"{len(jobs)} task group(s) x "
             f"{cluster.world_size} rank(s), partition {cluster.partition}"
         )
         for job, point in zip(jobs, points):
@@ -298,9 +299,8 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
         for job, point in zip(jobs, points):
             try:
                 ret = job.results()[0]
-            except (
-                Exception
-            ) as err:  # UncompletedJobError / FailedJobError: no result from the task
+            # UncompletedJobError (no result: killed, cancelled, timed out) / FailedJobError
+            except Exception as err:
                 first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
                 state = f"state {job.state}" if job.state else first_line
                 failures.append(failure_report(job.job_id, point.label, state, folder, ntasks))
