@@ -92,12 +92,13 @@ def _cli_model_choice() -> str | None:
     return None
 
 
-def saved_model(run_config_yaml: str, where: str) -> ModelConfig:
-    """The model section of a saved run config, as a validated ModelConfig."""
-    saved = yaml.safe_load(run_config_yaml) or {}
-    section = saved.get("model")
+def saved_model(run_config_yaml: str, where: str) -> ModelConfig | None:
+    """The model section of a saved run config as a validated ModelConfig (None if it has none)."""
+    saved = yaml.safe_load(run_config_yaml)
+    section = saved.get("model") if isinstance(saved, dict) else None
     if not isinstance(section, dict):
-        raise UserError(f"{where}: the saved run config has no 'model' section")
+        log.info("%s holds no model section; the model comes from model=/ckpt=", where)
+        return None
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), section)
     model: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     chosen = _cli_model_choice()
@@ -144,8 +145,11 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
     run_config = None
     if location.step_dir is not None and (location.step_dir / "configs" / "config.yaml").is_file():
         run_config = (location.step_dir / "configs" / "config.yaml").read_text()
+    saved = None
     if run_config is not None:
-        model = saved_model(run_config, str(location.step_dir / "configs" / "config.yaml"))
+        saved = saved_model(run_config, str(location.step_dir / "configs" / "config.yaml"))
+    if saved is not None:
+        model = saved
         # The saved model already carries its preset's patches (MLP width, RoPE scaling); the
         # command line's preset no longer applies, only ckpt.context (the resize target) does.
         ckpt = dataclasses.replace(
