@@ -80,7 +80,8 @@ class MetricsLogger:
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
-            mininterval=1.0,
+            # a terminal redraws in place; a Slurm log file would get a line per refresh
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
             disable=os.environ.get("EVO2_NO_PROGRESS") == "1",
         )
 
