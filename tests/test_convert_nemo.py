@@ -210,3 +210,77 @@ def test_model_sizes_and_context():
         "name": "Hyena7bARCLongContextConfig",
     }
     assert config["items"] == [["Attr(name='seq_length')", {"type": "leaf", "value": 4096}]]
+
+
+def _stub_nemo_classes(monkeypatch, config_fields: dict) -> dict:
+    """Importable stand-ins for the NeMo classes io.json names (fiddle resolves them by module path)."""
+    import dataclasses
+    import sys
+    import types
+
+    config_cls = {
+        name: dataclasses.make_dataclass(
+            name, [(k, object, None) for k in config_fields.get(name, [])]
+        )
+        for name in ("HyenaConfig", "Hyena7bARCLongContextConfig")
+    }
+
+    class HyenaModel:
+        def __init__(self, config=None, tokenizer=None, optim=None):
+            self.config, self.tokenizer = config, tokenizer
+
+    class ByteLevelTokenizer:
+        def __init__(self, special_tokens=None):
+            pass
+
+    class TrainerContext:
+        def __init__(self, model=None, trainer=None, extra=None):
+            self.model = model
+
+    classes = {
+        "nemo.collections.llm.gpt.model.hyena": {**config_cls, "HyenaModel": HyenaModel},
+        "nemo.collections.common.tokenizers.bytelevel_tokenizers": {
+            "ByteLevelTokenizer": ByteLevelTokenizer
+        },
+        "nemo.lightning.io.pl": {"TrainerContext": TrainerContext},
+    }
+    for module_name, members in classes.items():
+        parts = module_name.split(".")
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+        for cls_name, cls in members.items():
+            cls.__module__, cls.__qualname__, cls.__name__ = module_name, cls_name, cls_name
+            setattr(sys.modules[module_name], cls_name, cls)
+    return {
+        **config_cls,
+        "HyenaModel": HyenaModel,
+        "ByteLevelTokenizer": ByteLevelTokenizer,
+        "TrainerContext": TrainerContext,
+    }
+
+
+@pytest.mark.parametrize("size", ["7b_arc_1m", None])
+def test_io_json_is_exactly_what_fiddle_writes(monkeypatch, size):
+    """Our io.json equals fiddle's own dump_json of the same fdl.Config graph, and loads back."""
+    import fiddle as fdl  # test extra
+    from fiddle._src.experimental import serialization
+
+    from evo2_hydra.convert.nemo import config_class, config_overrides
+
+    cfg = model_config("evo2_7b", mlp_inner_size=11264) if size else model_config("evo2_tiny")
+    overrides = config_overrides(size, cfg, 4096)
+    cls = _stub_nemo_classes(monkeypatch, {config_class(size): list(overrides)})
+    graph = fdl.Config(
+        cls["TrainerContext"],
+        model=fdl.Config(
+            cls["HyenaModel"],
+            config=fdl.Config(cls[config_class(size)], **overrides),
+            tokenizer=fdl.Config(cls["ByteLevelTokenizer"]),
+        ),
+    )
+    ours = io_json(size, 4096, cfg)
+    assert json.dumps(ours) == serialization.dump_json(graph)
+    built = fdl.build(serialization.load_json(json.dumps(ours)))
+    assert built.model.config.seq_length == 4096
+    assert isinstance(built.model.tokenizer, cls["ByteLevelTokenizer"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,68 +254,87 @@ def _pyref(module: str, name: str) -> dict[str, str]:
     return {"type": "pyref", "module": module, "name": name}
 
 
+def _snake_case(name: str) -> str:
+    """fiddle's object names: `Hyena7bARCLongContextConfig` -> `hyena7b_arclong_context_config`."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
 class _FiddleGraph:
-    """Builds fiddle's JSON serialization (format 0.0.1) of a tree of `fdl.Config`s."""
+    """Writes what `fiddle._src.experimental.serialization.dump_json` writes for a tree of
+    `fdl.Config`s (format 0.0.1), without importing fiddle or NeMo.
+
+    Objects are emitted children first (a node's argument values, then its traverser metadata,
+    then the node), named `<snake_case class>_<n>`; a non-empty `argument_names` tuple and the two
+    empty tag/history dicts are objects of their own, an empty tuple is inline; argument values
+    are leaves carrying their path. tests/test_convert_nemo.py checks byte-for-byte equality with
+    fiddle's own output for the same graph.
+    """
+
+    EMPTY_TUPLE = {"type": _pyref("builtins", "tuple"), "items": [], "metadata": None}
 
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
         self._counts: dict[str, int] = {}
 
-    def _name(self, base: str) -> str:
-        self._counts[base] = self._counts.get(base, 0) + 1
-        return f"{base}_{self._counts[base]}"
-
     def _add(self, base: str, record: dict[str, Any]) -> dict[str, str]:
-        key = self._name(base)
+        self._counts[base] = self._counts.get(base, 0) + 1
+        key = f"{base}_{self._counts[base]}"
         self.objects[key] = record
         return {"type": "ref", "key": key}
 
-    def config(self, base: str, fn: tuple[str, str], items: dict[str, Any], path: str):
-        names = self._add(
-            "tuple",
-            {
-                "type": _pyref("builtins", "tuple"),
-                "items": [
-                    [f"Index(index={i})", {"type": "leaf", "value": n}] for i, n in enumerate(items)
-                ],
-                "metadata": None,
-                "paths": [f"{path}.__metadata__.argument_names"],
-            },
+    def _empty_dict(self) -> dict[str, str]:
+        return self._add(
+            "dict", {"type": _pyref("builtins", "dict"), "items": [], "metadata": self.EMPTY_TUPLE}
         )
-        empty = {
-            "type": _pyref("builtins", "dict"),
-            "items": [],
-            "metadata": {"type": "leaf", "value": []},
-        }
-        tags = self._add("dict", {**empty, "paths": [f"{path}.__metadata__.argument_tags"]})
-        history = self._add("dict", {**empty, "paths": [f"{path}.__metadata__.argument_history"]})
+
+    def config(self, fn: tuple[str, str], items: dict[str, Any], path: str) -> dict[str, str]:
+        """`fdl.Config(fn, **items)`; values are refs from earlier `config` calls or plain leaves."""
+        values = [
+            [
+                f"Attr(name='{k}')",
+                v if _is_ref(v) else {"type": "leaf", "value": v, "paths": [f"{path}.{k}"]},
+            ]
+            for k, v in items.items()
+        ]
+        if items:
+            names = self._add(
+                "tuple",
+                {
+                    "type": _pyref("builtins", "tuple"),
+                    "items": [[f"Index(index={i})", n] for i, n in enumerate(items)],
+                    "metadata": None,
+                },
+            )
+        else:
+            names = self.EMPTY_TUPLE
+        tags, history = self._empty_dict(), self._empty_dict()
+        metadata_cls = _pyref("fiddle._src.config", "BuildableTraverserMetadata")
         metadata = self._add(
             "buildable_traverser_metadata",
             {
-                "type": _pyref("fiddle._src.config", "BuildableTraverserMetadata"),
+                "type": metadata_cls,
                 "items": [
                     ["Attr(name='fn_or_cls')", _pyref(*fn)],
                     ["Attr(name='argument_names')", names],
                     ["Attr(name='argument_tags')", tags],
                     ["Attr(name='argument_history')", history],
                 ],
-                "metadata": None,
-                "paths": [f"{path}.__metadata__"],
+                "metadata": metadata_cls,
             },
         )
         return self._add(
-            base,
+            _snake_case(fn[1]),
             {
                 "type": _pyref("fiddle._src.config", "Config"),
-                "items": [[f"Attr(name='{k}')", v] for k, v in items.items()],
+                "items": values,
                 "metadata": metadata,
                 "paths": [path],
             },
         )
 
 
-def leaf(value: Any) -> dict[str, Any]:
-    return {"type": "leaf", "value": value}
+def _is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == "ref"
 
 
 def architecture_values(cfg: ModelConfig, context: int) -> dict[str, Any]:
@@ -358,24 +378,18 @@ def config_class(model_size: str | None) -> str:
 
 
 def io_json(model_size: str | None, context: int, cfg: ModelConfig) -> dict[str, Any]:
+    """fiddle JSON of TrainerContext(model=HyenaModel(config=<size config>, tokenizer=ByteLevel))."""
     graph = _FiddleGraph()
-    overrides = config_overrides(model_size, cfg, context)
     config = graph.config(
-        "hyena_config",
         (HYENA_MODULE, config_class(model_size)),
-        {k: leaf(v) for k, v in overrides.items()},
+        config_overrides(model_size, cfg, context),
         "<root>.model.config",
     )
-    tokenizer = graph.config("byte_level_tokenizer", TOKENIZER, {}, "<root>.model.tokenizer")
+    tokenizer = graph.config(TOKENIZER, {}, "<root>.model.tokenizer")
     model = graph.config(
-        "hyena_model",
-        (HYENA_MODULE, "HyenaModel"),
-        {"config": config, "tokenizer": tokenizer},
-        "<root>.model",
+        (HYENA_MODULE, "HyenaModel"), {"config": config, "tokenizer": tokenizer}, "<root>.model"
     )
-    root = graph.config(
-        "trainer_context", ("nemo.lightning.io.pl", "TrainerContext"), {"model": model}, "<root>"
-    )
+    root = graph.config(("nemo.lightning.io.pl", "TrainerContext"), {"model": model}, "<root>")
     return {
         "root": root,
         "objects": graph.objects,
