@@ -202,14 +202,19 @@ def test_model_sizes_and_context():
     with pytest.raises(UserError, match="expected one of"):
         resolve_model_size("13b", seven)
     graph = io_json("7b_arc_1m", 4096, long)
-    config = graph["objects"]["hyena_config_1"]
+    config = graph["objects"]["hyena7b_arclong_context_config_1"]
     metadata = graph["objects"][config["metadata"]["key"]]
     assert metadata["items"][0][1] == {
         "type": "pyref",
         "module": "nemo.collections.llm.gpt.model.hyena",
         "name": "Hyena7bARCLongContextConfig",
     }
-    assert config["items"] == [["Attr(name='seq_length')", {"type": "leaf", "value": 4096}]]
+    assert config["items"] == [
+        [
+            "Attr(name='seq_length')",
+            {"type": "leaf", "value": 4096, "paths": ["<root>.model.config.seq_length"]},
+        ]
+    ]
 
 
 def _stub_nemo_classes(monkeypatch, config_fields: dict) -> dict:
