@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -316,9 +317,23 @@ def _fasta(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_generate(run: RunConfig) -> Path:
-    """Sample `generate.n` sequences; returns the output folder."""
+def secondary_rank() -> int:
+    """This process's rank when it is one of several tasks (e.g. cluster=slurm starts one per
+    GPU); 0 otherwise. Generation is one process's work: the others must not write the output."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+def run_generate(run: RunConfig) -> Path | None:
+    """Sample `generate.n` sequences; returns the output folder (None on ranks other than 0)."""
     settings: GenerateConfig = run.generate
+    rank = secondary_rank()
+    if rank:
+        log.info("rank %d: generation runs on rank 0 only; nothing to do here", rank)
+        return None
     source = describe_source(run.ckpt, run.model, run.data)
     prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
     output = _output_folder(settings, run.output_dir)

@@ -54,8 +54,12 @@ def seeded_sampler(seed: int):
     return lambda logits: sample_next(logits, settings, ALLOWED, generator)
 
 
-def test_decode_steps_match_the_full_forward(tiny):
+@pytest.mark.parametrize("rope_scaling", [1.0, 8.0])
+def test_decode_steps_match_the_full_forward(tiny, rope_scaling):
     _, model = tiny
+    for block in model.blocks:
+        if hasattr(block.mixer, "rope_scaling_factor"):
+            block.mixer.rope_scaling_factor = rope_scaling  # positions / factor, at each offset
     gen_ = torch.Generator().manual_seed(0)
     ids = torch.randint(65, 90, (2, 70), generator=gen_)  # two different prompts in one batch
     cache, logits = prefill(model, ids, max_length=100)
@@ -74,6 +78,9 @@ def test_decode_steps_match_the_full_forward(tiny):
     # the states carry the prefix: the same last token without it gives other logits
     _, alone = prefill(model, ids[:, -1:], max_length=1)
     assert (alone[:, -1] - reference).abs().max() > 0.1
+    for block in model.blocks:
+        if hasattr(block.mixer, "rope_scaling_factor"):
+            block.mixer.rope_scaling_factor = 1.0
 
 
 @pytest.mark.parametrize("prompt_len", [1, 70])
@@ -246,3 +253,12 @@ def test_bad_input_fails_before_any_work(
 def test_bad_settings_fail_at_compose_time(compose_cfg, override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         to_obj(compose_cfg(["task=generate", override]))
+
+
+def test_only_rank_zero_generates(compose_cfg, savanna_ckpt, tmp_path, monkeypatch):
+    """cluster=slurm starts one task per GPU: the other ranks must not write the output."""
+    _, path = savanna_ckpt
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    output = tmp_path / "out"
+    run = to_obj(compose_cfg(["task=generate", f"ckpt.path={path}", f"generate.output={output}"]))
+    assert run_generate(run) is None and not output.exists()
