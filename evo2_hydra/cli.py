@@ -46,11 +46,17 @@ def _hydra_output_dir() -> Path | None:
         return None
 
 
-def _fail(message: str) -> None:
-    """Print one line, remove the run folder if nothing was written to it, exit 2."""
+def _remove_run_dir_if_empty() -> None:
+    """Hydra makes the run folder before the task starts; drop it when nothing was written to it
+    (a run that failed validation, or a task such as plan that writes elsewhere)."""
     out = _hydra_output_dir()
     if out is not None and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
+
+
+def _fail(message: str) -> None:
+    """Print one line, remove the run folder if nothing was written to it, exit 2."""
+    _remove_run_dir_if_empty()
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -75,6 +81,8 @@ def run_launch(cfg: DictConfig) -> Any:
         return _resolve(TASKS[run.task])(run)
     except (UserError, ConfigError) as err:
         _fail(str(err))
+    finally:
+        _remove_run_dir_if_empty()
 
 
 def run_convert(cfg: DictConfig) -> Any:
@@ -83,3 +91,5 @@ def run_convert(cfg: DictConfig) -> Any:
         return _resolve(CONVERT)(conv)
     except (UserError, ConfigError) as err:
         _fail(str(err))
+    finally:
+        _remove_run_dir_if_empty()

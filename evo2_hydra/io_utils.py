@@ -14,6 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give finished outputs the usual umask permissions."""
+    os.chmod(path, mode & ~_current_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
@@ -24,6 +35,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _apply_umask(tmp, 0o666)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -41,6 +53,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     try:
         yield tmp
+        _apply_umask(tmp, 0o777)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")

@@ -157,3 +157,10 @@ def test_convert_cfg_composes(run_entry):
     proc = run_entry("convert.py", "--cfg", "job", "target=vortex")
     assert proc.returncode == 0, proc.stderr
     assert "kind: vortex" in proc.stdout
+
+
+def test_plan_leaves_no_empty_run_folder(run_entry, tmp_path):
+    proc = run_entry("launch.py", "task=plan", "model=evo2_7b", "ckpt.context=8192")
+    assert proc.returncode == 0, proc.stderr
+    runs = tmp_path / "outputs" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())

@@ -150,9 +150,6 @@ def cached_preprocess(path: str, data: DataConfig, context: int, cache_dir: Path
                     tmp / "settings.json",
                     json.dumps({"input": os.path.abspath(path), **settings}, indent=2) + "\n",
                 )
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; a shared cache is readable
         except FileExistsError:  # another process finished first (no working locks)
             pass
     return prefix

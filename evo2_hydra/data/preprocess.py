@@ -49,7 +49,6 @@ CHUNK_BYTES = 1 << 20  # small enough that a chunk's passes stay in the CPU cach
 PAD_BLOCK_TOKENS = 1 << 24  # padded mode widens at most this many tokens at once
 PARALLEL_MIN_BYTES = 48 << 20  # below this, worker start-up costs more than it saves
 MAX_REPORTED_SKIPS = 10
-OUTPUT_SUFFIXES = (".bin", ".idx", "_conditions.json", "_lengths.png", "_summary.json")
 
 
 def output_prefix_for(output_prefix: str, text_key: str = "text") -> str:
@@ -364,17 +363,7 @@ def preprocess_to_prefix(
         plot_lengths(
             summary.lengths, Path(f"{output_prefix}_lengths.png"), Path(output_prefix).name
         )
-    make_readable(output_prefix)
     return summary
-
-
-def make_readable(output_prefix: str) -> None:
-    """Give the outputs the usual umask permissions (temporary files are created 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for suffix in OUTPUT_SUFFIXES:
-        with contextlib.suppress(OSError):
-            os.chmod(f"{output_prefix}{suffix}", 0o666 & ~umask)
 
 
 def run_preprocess(run: RunConfig) -> dict:
@@ -392,5 +381,4 @@ def run_preprocess(run: RunConfig) -> dict:
     summary = preprocess_to_prefix(data, inputs, prefix, run.ckpt.context)
     log.info("%s", summary.report())
     write_text_atomic(f"{prefix}_summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
-    make_readable(prefix)
     return summary.to_dict()
