@@ -255,3 +255,25 @@ def test_no_wait_returns_after_submission(tmp_path, monkeypatch, capsys):
     job.results.assert_not_called()
     out = capsys.readouterr().out
     assert "submitted Slurm job 43" in out and "not waiting" in out
+
+
+def test_run_the_memory_plan_refuses_is_not_submitted(tmp_path, monkeypatch, capsys):
+    """7B at 1M context on one 80 GB GPU cannot fit: refused before submission (plan.force=false)."""
+    import hydra
+
+    from evo2_hydra.cli import run_launch
+
+    monkeypatch.setattr(launcher_mod, "check_site", lambda cluster: [])
+    auto_executor = mock.MagicMock()
+    monkeypatch.setattr("submitit.AutoExecutor", auto_executor)
+    monkeypatch.setattr(
+        "sys.argv",
+        ["launch.py", "cluster=slurm", "cluster.partition=gpu", "cluster.gpus_per_node=1"]
+        + ["model=evo2_7b", "ckpt.context=1048576", f"paths.output_root={tmp_path}"],
+    )
+    app = hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="train")
+    with pytest.raises(SystemExit) as exit_info:
+        app(run_launch)()
+    assert exit_info.value.code == 2
+    assert "plan.force=true" in capsys.readouterr().err
+    auto_executor.assert_not_called()

@@ -247,6 +247,12 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
                 raise
             # a dry run is also for machines without Slurm: show what would be submitted
             print(f"warning: {err}", file=sys.stderr)
+        if not previewing:
+            from evo2_hydra.train.memory import check_fits
+
+            for point in points:  # refuse before submitting anything, as a local run would
+                if point.run.task == Task.finetune:
+                    check_fits(point.run)
         params = executor_params(self.params, cluster)
 
         folder = Path(str(params.pop("submitit_folder"))).absolute()
