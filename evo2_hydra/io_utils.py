@@ -7,6 +7,7 @@ final name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -71,3 +72,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed): one process at a time builds a cache
+    entry that several ranks, sweep points or Slurm jobs ask for at once."""
+    lock = Path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no lock support on this file system: the atomic rename still protects
+            pass
+        yield

@@ -10,7 +10,12 @@ import time
 import pytest
 import torch
 
-from evo2_hydra.checkpoint import load_module_state_dict, locate_checkpoint, prepare_base_checkpoint
+from evo2_hydra.checkpoint import (
+    load_module_state_dict,
+    locate_checkpoint,
+    prepare_base_checkpoint,
+    prepare_shared_base_checkpoint,
+)
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.errors import UserError
 from evo2_hydra.model import build_model, load_into_model
@@ -66,14 +71,15 @@ def test_prepare_pads_mlp_on_request(tmp_path, tiny_run):
 
 
 def test_prepare_without_path(tiny_run, tmp_path):
+    no_path = dataclasses.replace(tiny_run.ckpt, path=None)  # the demo's ckpt has a path
     assert (
         prepare_base_checkpoint(
-            dataclasses.replace(tiny_run.ckpt, random_init=True), tiny_run.model, tmp_path
+            dataclasses.replace(no_path, random_init=True), tiny_run.model, tmp_path
         )
         is None
     )
     with pytest.raises(UserError, match="ckpt.path is not set"):
-        prepare_base_checkpoint(tiny_run.ckpt, tiny_run.model, tmp_path / "x")
+        prepare_base_checkpoint(no_path, tiny_run.model, tmp_path / "x")
 
 
 def test_prepare_bad_inputs_write_nothing(tmp_path, tiny_run):
@@ -210,3 +216,27 @@ def test_prepare_interleaves_legacy_shards_before_merging(tmp_path, tiny_run):
         "sequential.5.mixer.dense_projection.weight"  # attention rows are per head: untouched
     )
     assert torch.equal(module[attention], merge_mp(shards)[attention])
+
+
+def test_shared_base_is_one_copy_per_source_and_context(tmp_path, tiny_run):
+    """Sweep points (lr x context) share one prepared base per context under paths.cache_dir."""
+    model = tiny_run.model
+    src = make_random_savanna_checkpoint(tmp_path / "src", model, 256, layout="single")
+    cache = tmp_path / "cache"
+    dirs = {
+        context: [
+            prepare_shared_base_checkpoint(
+                dataclasses.replace(tiny_run.ckpt, path=str(src), context=context), model, cache
+            )
+            for _ in range(2)
+        ]
+        for context in (128, 512)
+    }
+    assert dirs[128][0] == dirs[128][1] and dirs[512][0] == dirs[512][1]
+    assert dirs[128][0] != dirs[512][0]
+    assert sorted(p.name.split("-")[1] for p in (cache / "base_checkpoints").glob("evo2*")) == [
+        "ctx128",
+        "ctx512",
+    ]
+    no_path = dataclasses.replace(tiny_run.ckpt, path=None, random_init=True)
+    assert prepare_shared_base_checkpoint(no_path, model, cache) is None

@@ -279,7 +279,9 @@ def test_context_sweep_is_one_array_sharing_prepared_data(launched):
     assert [d.name.split(",")[0] for d in run_dirs] == ["ckpt.context=64", "ckpt.context=128"]
     for run_dir in run_dirs:
         assert (run_dir / "checkpoints/latest").read_text().strip() == "global_step2"
-        assert (run_dir / "base_checkpoint").is_dir()  # the base resized to this context
+    # one prepared base checkpoint per context, in the shared cache
+    bases = sorted(p.name.split("-")[1] for p in (job.out / "cache/base_checkpoints").glob("evo2*"))
+    assert bases == ["ctx128", "ctx64"]
     # one prepared dataset for both points: contiguous packing does not depend on the context,
     # and the content-hash cache (with its lock) preprocessed each file once
     cache = job.out / "cache" / "data" / "jsonl"

@@ -19,6 +19,7 @@ from evo2_hydra.checkpoint.mp import PARTITION_DIMS, merge_mp, partition_dim, sp
 from evo2_hydra.checkpoint.prepare import (
     check_checkpoint,
     prepare_base_checkpoint,
+    prepare_shared_base_checkpoint,
     resize_context,
     resize_to_dir,
 )
@@ -33,6 +34,7 @@ from evo2_hydra.checkpoint.writer import (
 )
 
 __all__ = [
+    "prepare_shared_base_checkpoint",
     "LATEST",
     "PARTITION_DIMS",
     "RUN_CHECKPOINT_SUBDIR",

@@ -8,6 +8,7 @@ the result written as `OUT/global_stepN/mp_rank_XX_model_states.pt` + `OUT/lates
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from evo2_hydra.checkpoint.writer import (
 )
 from evo2_hydra.config import CkptConfig, ModelConfig
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import atomic_dir
+from evo2_hydra.io_utils import atomic_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,23 @@ def prepare_base_checkpoint(
         fit=lambda module: fit_to_model(module, model, ckpt.context),
     )
     return out_dir
+
+
+def prepare_shared_base_checkpoint(
+    ckpt: CkptConfig, model: ModelConfig, cache_dir: str | Path
+) -> Path | None:
+    """`prepare_base_checkpoint` into the shared cache (`paths.cache_dir/base_checkpoints`).
+
+    Runs and sweep points with the same source, context and settings share one prepared copy; a
+    file lock makes concurrent Slurm jobs build it once while the others wait and reuse it.
+    """
+    if ckpt.path is None:  # fresh weights (None) or the clear "ckpt.path is not set" error
+        return prepare_base_checkpoint(ckpt, model, Path(cache_dir))
+    key = _cache_key(locate_checkpoint(ckpt.path), ckpt, model)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    out_dir = Path(cache_dir) / "base_checkpoints" / f"{model.name}-ctx{ckpt.context}-{digest}"
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        return prepare_base_checkpoint(ckpt, model, out_dir)
 
 
 def resize_context(

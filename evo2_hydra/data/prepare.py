@@ -12,7 +12,6 @@ BIN/IDX prefixes are used as they are.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,7 +24,7 @@ from evo2_hydra.data.indexed import MMapIndexedDataset, is_indexed_prefix, strip
 from evo2_hydra.data.jsonl import is_jsonl
 from evo2_hydra.data.preprocess import load_conditions, output_prefix_for, preprocess_to_prefix
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import atomic_dir, write_text_atomic
+from evo2_hydra.io_utils import atomic_dir, file_lock, write_text_atomic
 
 log = logging.getLogger("evo2_hydra.data")
 
@@ -117,17 +116,6 @@ def encoding_settings(data: DataConfig, context: int) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # no lock support on this file system: the atomic rename still protects
-            pass
-        yield
-
-
 def cached_preprocess(path: str, data: DataConfig, context: int, cache_dir: Path) -> str:
     """BIN/IDX prefix of `path` preprocessed with `data`'s settings (built once, then reused)."""
     settings = encoding_settings(data, context)
@@ -136,7 +124,7 @@ def cached_preprocess(path: str, data: DataConfig, context: int, cache_dir: Path
     stem = Path(path).name.split(".")[0] or "data"
     folder = cache_dir / "jsonl" / f"{stem}-{key}"
     prefix = output_prefix_for(str(folder / "data"), data.text_key)
-    with _locked(cache_dir / "jsonl" / f".{stem}-{key}.lock"):
+    with file_lock(cache_dir / "jsonl" / f".{stem}-{key}.lock"):
         if folder.is_dir():
             log.info("data: reusing %s (cached preprocessing of %s)", folder, path)
             return prefix

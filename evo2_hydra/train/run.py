@@ -32,7 +32,6 @@ from evo2_hydra.io_utils import write_text_atomic
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "config.yaml"
-BASE_DIR = "base_checkpoint"
 # Settings that may change between a run and its continuation (schedule length, cadence, where
 # it runs); anything else differing means the folder belongs to another run.
 RESUMABLE_CHANGES = {
@@ -171,7 +170,7 @@ def finetune_this_rank(run: RunConfig) -> dict:
     from evo2_hydra import data as data_api
     from evo2_hydra.checkpoint.layout import locate_checkpoint
     from evo2_hydra.checkpoint.loader import load_module_state_dict
-    from evo2_hydra.checkpoint.prepare import prepare_base_checkpoint
+    from evo2_hydra.checkpoint.prepare import prepare_shared_base_checkpoint
     from evo2_hydra.model import build_model, load_into_model
     from evo2_hydra.train import saving
     from evo2_hydra.train.engine import batch_plan, build_engine, deepspeed_config
@@ -193,7 +192,9 @@ def finetune_this_rank(run: RunConfig) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             prepared = data_api.prepare_data(run.data, context, run.data.cache_dir)
             base = (
-                None if resume else prepare_base_checkpoint(run.ckpt, run.model, run_dir / BASE_DIR)
+                None
+                if resume
+                else prepare_shared_base_checkpoint(run.ckpt, run.model, run.paths.cache_dir)
             )
             if not resume:
                 write_text_atomic(run_dir / RUN_CONFIG, config_yaml(run))
