@@ -3,7 +3,7 @@ context resize (lazy), atomic writing. See README "## Checkpoints".
 
     location = locate_checkpoint("savanna_evo2_7b.pt")            # or a folder, see layout.py
     module, meta = load_module_state_dict(path)                     # MP=1 savanna state dict
-    load_dir = prepare_base_checkpoint(run.ckpt, run.model, run_dir / "base_checkpoint")
+    load_dir = prepare_shared_base_checkpoint(run.ckpt, run.model, run.paths.cache_dir)
 """
 
 from evo2_hydra.checkpoint.layout import (

@@ -4,8 +4,8 @@ python launch.py                                     # the demo: evo2_tiny on th
 python launch.py cluster.tasks=2 train.zero_stage=2  # two local processes
 python launch.py model=evo2_7b ckpt=savanna_evo2_7b ckpt.path=/ckpts/savanna_evo2_7b.pt ckpt.context=4096
 
-Run folder (`output_dir`): config.yaml, base_checkpoint/ (the prepared base weights),
-checkpoints/{latest, global_stepN/}, metrics.jsonl, tensorboard/, loss.png.
+Run folder (`output_dir`): config.yaml, checkpoints/{latest, global_stepN/}, metrics.jsonl,
+tensorboard/, loss.png. The prepared base weights live in paths.cache_dir/base_checkpoints/ (shared).
 Starting the same command again in the same folder continues from `checkpoints/latest`.
 """
 
