@@ -411,12 +411,17 @@ class GenerateConfig:
     cached: bool = True  # incremental decoding with hyena/attention caches (false: re-forward)
     batch_size: int = 16  # sequences sampled together
     dtype: ScoreDtype = ScoreDtype.float32  # compute dtype of the model
+    # torch threads on CPU; 0 = auto: 1 below hidden_size 1024 (per-token ops too small to split:
+    # 2 threads made evo2_tiny ~17x slower), else torch's default
+    cpu_threads: int = 0
     output: str | None = None  # output folder; None = <run folder>/generations/<time>
 
     def __post_init__(self) -> None:
         for key in ("n", "length", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"generate.{key}={getattr(self, key)}: must be positive")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"generate.cpu_threads={self.cpu_threads}: must be >= 0 (0 = auto)")
         if self.temperature < 0:
             raise ConfigError(f"generate.temperature={self.temperature}: must be >= 0")
         if self.top_k < 0:

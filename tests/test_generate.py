@@ -262,3 +262,16 @@ def test_only_rank_zero_generates(compose_cfg, savanna_ckpt, tmp_path, monkeypat
     output = tmp_path / "out"
     run = to_obj(compose_cfg(["task=generate", f"ckpt.path={path}", f"generate.output={output}"]))
     assert run_generate(run) is None and not output.exists()
+
+
+def test_cpu_threads_auto_for_small_models_and_restored():
+    torch.set_num_threads(2)  # (the module fixture restores the session's setting)
+    before = torch.get_num_threads()
+    with gen.cpu_threads(0, hidden_size=64):
+        assert torch.get_num_threads() == 1  # evo2_tiny: one thread (auto)
+    with gen.cpu_threads(0, hidden_size=4096):
+        assert torch.get_num_threads() == before  # large models keep torch's default
+    with gen.cpu_threads(3, hidden_size=64):
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+    torch.set_num_threads(1)

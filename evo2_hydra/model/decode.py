@@ -198,6 +198,26 @@ def prefill(
     return cache, _logits(model, x)
 
 
+def repeat_batch(cache: InferenceCache, n: int) -> InferenceCache:
+    """A cache for `n` copies of a batch-1 cache's sequence (prefill a shared prompt once)."""
+
+    def rep(t: Tensor) -> Tensor:
+        return t.expand(n, *t.shape[1:]).clone()
+
+    layers: list[object] = []
+    for layer in cache.layers:
+        if isinstance(layer, AttentionLayerCache):
+            layers.append(AttentionLayerCache(rep(layer.keys), rep(layer.values)))
+            continue
+        op = layer.operator
+        if isinstance(op, ModalState):
+            op = ModalState(rep(op.state), op.poles, op.residues)
+        else:
+            op = FirState(rep(op.history))
+        layers.append(HyenaLayerCache(FirState(rep(layer.featurizer.history)), op))
+    return InferenceCache(layers, cache.position, cache.max_length)
+
+
 # ------------------------------------------------------------------------------ one step
 
 
