@@ -93,7 +93,8 @@ def _hcs_taps(op: HcsOperator) -> Tensor:
 def _hcm_taps(op: HcmOperator) -> Tensor:
     """`[C, taps]` true-convolution taps (tap 0 = current token), `h * decay` in h's dtype."""
     f = op.filter
-    h = ops.hcm_filter(f.h, f.decay, op.filter_len, op.filter_len)  # min(filter_len, width) taps
+    # min(filter_len, width) taps, rounded like the full forward (bf16 product for bf16 files)
+    h = ops.hcm_filter(f.h, f.decay, op.filter_len, op.filter_len, op.product_dtype)
     return h.repeat_interleave(op.channels_per_group, dim=0)
 
 
