@@ -81,6 +81,11 @@ def export_launcher_env() -> str:
     if os.environ.get("SUBMITIT_EXECUTOR"):
         import submitit
 
+        # submitit draws MASTER_PORT from 20000-60000, which overlaps the kernel's ephemeral range
+        # (32768-60999): a gloo connection of a concurrent job can hold it (seen: EADDRINUSE).
+        # A port below that range, distinct for consecutive job ids, avoids both collisions.
+        job_id = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
+        os.environ["MASTER_PORT"] = str(20000 + job_id % 12000)
         # overwrite=True: a requeued or nested job may carry stale values from its parent.
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True

@@ -148,6 +148,9 @@ def executor_params(params: dict[str, Any], cluster: ClusterConfig) -> dict[str,
     # make both importable whatever folder launch.py was started from.
     pythonpath = f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"
     out["setup"] = [pythonpath, *(params.get("setup") or []), *cluster.setup]
+    # One rank failing must end the job: the others would wait in init_process_group or a
+    # collective until its timeout. The task re-raises a failure (non-zero exit), srun kills the rest.
+    out["srun_args"] = ["--kill-on-bad-exit=1", *(params.get("srun_args") or [])]
     out["additional_parameters"] = {
         **(params.get("additional_parameters") or {}),
         **cluster.additional_parameters,
@@ -368,6 +371,10 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
         timeout_signal = _TimeLimitSignal()
         with timeout_signal.installed():
             ret = super().__call__(*args, **kwargs)
+        if ret.status == JobStatus.FAILED:
+            # Raise instead of returning a FAILED result with exit code 0: the non-zero exit makes
+            # srun (--kill-on-bad-exit) stop the other ranks, and submitit records the traceback.
+            raise ret._return_value
         value = ret._return_value if ret.status == JobStatus.COMPLETED else None
         stopped_by = value.get("stopped_by") if isinstance(value, dict) else None
         if stopped_by:
