@@ -25,9 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+
+from procstat import measure, warm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,65 +61,6 @@ print(largest)
 """
 
 STARTUP = "import torch, evo2_hydra.convert.targets, evo2_hydra.convert.run, hydra"
-
-
-def _descendants(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for child in children:
-        out += _descendants(int(child))
-    return out
-
-
-def _rss_anon_kb(pid: int) -> int:
-    total = 0
-    for p in _descendants(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
-def measure(cmd: list[str]) -> dict[str, float]:
-    """Wall time, peak RssAnon (polled, children included) and max RSS (wait4) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = [0]
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon_kb(proc.pid))
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    stderr = proc.stderr.read() if proc.stderr else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    done.set()
-    thread.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr.decode()[-3000:]}")
-    return {
-        "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_anon_mb": peak[0] / 1024,
-        "max_rss_mb": usage.ru_maxrss / 1024,
-    }
-
-
-def warm(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(1 << 24):
-            pass
 
 
 def main() -> None:
@@ -174,7 +115,7 @@ def main() -> None:
             cmd = [*cmd, f"output={out}"]
         warm(source)
         os.sync()  # every run starts with no dirty pages of an earlier run still being written back
-        results[name] = measure(cmd)
+        results[name] = measure(cmd, cwd=REPO)
         shutil.rmtree(out, ignore_errors=True)
         (work / "copy.pt").unlink(missing_ok=True)
     cp_s = min(results["cp"]["wall_s"], results["cp again"]["wall_s"])

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from procstat import measure, warm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,63 +79,6 @@ resize_context(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 """
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _rss_anon_kb(pid: int) -> int:
-    total = 0
-    for p in _descendants(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
-def measure(script: str, *args: str) -> dict[str, float]:
-    """Run `python -c script args` and return wall time, peak RssAnon (polled) and max RSS."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", script, *args])
-    peak = [0]
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon_kb(proc.pid))
-            time.sleep(0.01)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    done.set()
-    poller.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark child failed with exit code {proc.returncode}")
-    return {"wall_s": wall, "peak_rss_anon_gb": peak[0] / 1e6, "max_rss_gb": usage.ru_maxrss / 1e6}
-
-
-def warm(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,12 +107,31 @@ def main() -> None:
                 out = work / f"out_{name}_{rep}"
                 warm(src)
                 if name == "plain":
-                    res = measure(PLAIN, str(src), str(out.with_suffix(".pt")), str(args.target))
+                    res = measure(
+                        [
+                            sys.executable,
+                            "-c",
+                            PLAIN,
+                            str(src),
+                            str(out.with_suffix(".pt")),
+                            str(args.target),
+                        ]
+                    )
                 else:
-                    res = measure(OURS, str(src), str(out), str(args.target), str(REPO))
+                    res = measure(
+                        [
+                            sys.executable,
+                            "-c",
+                            OURS,
+                            str(src),
+                            str(out),
+                            str(args.target),
+                            str(REPO),
+                        ]
+                    )
                 results[name].append(res)
-                print(f"{name:5s} rep {rep}: {res['wall_s']:.2f} s, peak RssAnon {res['peak_rss_anon_gb']:.3f} GB, "
-                      f"max RSS {res['max_rss_gb']:.3f} GB")  # fmt: skip
+                print(f"{name:5s} rep {rep}: {res['wall_s']:.2f} s, peak RssAnon {res['peak_rss_anon_mb'] / 1024:.3f} GiB, "
+                      f"max RSS {res['max_rss_mb'] / 1024:.3f} GiB")  # fmt: skip
                 shutil.rmtree(out, ignore_errors=True)
                 out.with_suffix(".pt").unlink(missing_ok=True)
         best = {n: {k: min(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
@@ -179,8 +141,8 @@ def main() -> None:
             "target": args.target,
             "hidden": args.hidden,
             "best": best,
-            "rss_anon_ratio_ours_over_plain": best["ours"]["peak_rss_anon_gb"]
-            / best["plain"]["peak_rss_anon_gb"],
+            "rss_anon_ratio_ours_over_plain": best["ours"]["peak_rss_anon_mb"]
+            / best["plain"]["peak_rss_anon_mb"],
             "time_ratio_ours_over_plain": best["ours"]["wall_s"] / best["plain"]["wall_s"],
         }
         print(json.dumps(summary, indent=1))
