@@ -507,7 +507,8 @@ class ConvertConfig:
     source: str | None = (
         None  # anything ckpt.path accepts; None = newest run under paths.output_root
     )
-    output: str | None = None  # output folder; must not exist unless overwrite=true
+    # output folder; must not exist unless overwrite=true. None = paths.output_root/exports/<source>-<target>
+    output: str | None = None
     overwrite: bool = False
     verify: bool | None = (
         None  # run a probe through source and result; None = when it fits in memory

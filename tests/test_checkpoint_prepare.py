@@ -240,3 +240,17 @@ def test_shared_base_is_one_copy_per_source_and_context(tmp_path, tiny_run):
     ]
     no_path = dataclasses.replace(tiny_run.ckpt, path=None, random_init=True)
     assert prepare_shared_base_checkpoint(no_path, model, cache) is None
+
+
+def test_convert_with_no_source_and_no_output(tmp_path, run_entry, tiny_run):
+    """The product command `python convert.py target=vortex`: newest run in, exports/<run>-vortex out."""
+    root = tmp_path / "outputs"
+    checkpoints = root / "runs" / "evo2_tiny-ctx256" / "checkpoints"
+    make_random_savanna_checkpoint(checkpoints, tiny_run.model, 256, layout="step", iteration=2)
+    (checkpoints / "latest").write_text("global_step2")
+    proc = run_entry("convert.py", "target=vortex", "verify=false")
+    assert proc.returncode == 0, proc.stderr
+    out = root / "exports" / "evo2_tiny-ctx256-vortex"
+    assert any(out.glob("*.pt")) and any(out.glob("*.yml")), sorted(out.iterdir())
+    again = run_entry("convert.py", "target=vortex", "verify=false")  # refused, not overwritten
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -58,15 +58,28 @@ def _target(kind: TargetKind):
     return getattr(importlib.import_module(module), func)
 
 
+def default_output(conv: ConvertConfig, source: Path) -> Path:
+    """`paths.output_root/exports/<source name>-<target>`: e.g. exports/evo2_tiny-ctx512-vortex."""
+    name = source.name.removesuffix(".pt")
+    if source.name.startswith("global_step"):  # name the run, not only the step
+        name = f"{source.resolve().parent.parent.name}-{source.name}"
+    target = conv.target.kind.value
+    if conv.target.kind == TargetKind.nemo:
+        target = f"nemo-{conv.nemo.format.value}"
+    return Path(conv.paths.output_root) / "exports" / f"{name}-{target}"
+
+
 def run_convert(conv: ConvertConfig) -> Path:
     """Entry of convert.py (after validation): check source and output, run the target."""
     convert = _target(conv.target.kind)
+    source = resolve_source(conv)
     if conv.output is None:
-        raise UserError("output is not set: give output=DIR (a folder that does not exist yet)")
-    output = Path(conv.output).expanduser()
+        output = default_output(conv, source)
+        log.info("output not given: writing %s", output)
+    else:
+        output = Path(conv.output).expanduser()
     if output.exists() and not conv.overwrite:
         raise UserError(f"output={output} already exists; set overwrite=true to replace it")
-    source = resolve_source(conv)
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UserError(f"output={output} is inside source={source}; the source is never modified")
     result = convert(conv, source, output)
