@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from evo2_hydra.errors import UserError
 CAST_DTYPES = {CastDtype.bfloat16: torch.bfloat16, CastDtype.float32: torch.float32}
 # savanna reassigns the hcl time buffer as float32 whatever the model dtype.
 KEEP_FLOAT32 = ("mixer.mixer.filter.t",)
+# Tensors formed ahead of the writer thread (each up to one full tensor of memory).
+WRITE_AHEAD = 2
 LEGACY_SUFFIXES = ("mixer.hyena_proj_conv.short_conv_weight", "mixer.dense_projection.weight")
 
 
@@ -153,12 +156,33 @@ def write_savanna_dir(
     progress = conversion_progress(
         sum(isinstance(shards[0][k], Tensor) for k in keys), desc, unit="tensor"
     )
+    # One writer thread streams tensor i into the files (write_record and the CRC32 release the
+    # GIL) while this thread forms, resizes and casts tensor i+1; jobs run in submission order,
+    # so the files are byte-for-byte what a single thread writes. At most WRITE_AHEAD tensors
+    # wait, so memory stays at a few tensors.
+    pending: collections.deque[Future] = collections.deque()
+
+    def submit(job) -> None:
+        if len(pending) >= WRITE_AHEAD:
+            pending.popleft().result()
+        pending.append(writer.submit(job))
+
+    def write_pieces(key: str, pieces: Sequence[Tensor]) -> None:
+        for rank, piece in enumerate(pieces):
+            modules[rank][key] = outs[rank].add(piece)
+            shapes[rank][key] = torch.Size(piece.shape)
+        progress.update(1)
+
+    def keep_object(key: str, value: Any) -> None:
+        for module in modules:  # TE extra state: rank 0's, as savanna's resharding tool
+            module[key] = value
+
+    writer = ThreadPoolExecutor(1)
     try:
         for key in keys:
             first = shards[0][key]
             if not isinstance(first, Tensor) or key.endswith("._extra_state"):
-                for module in modules:  # TE extra state: rank 0's, as savanna's resharding tool
-                    module[key] = first
+                submit(lambda key=key, first=first: keep_object(key, first))
                 continue
             value = full_tensor(key, [first] + [s[key] for s in shards[1:]], legacy_keys=legacy)
             # Resize only what changes width: a same-width source keeps its bytes (MP round trips).
@@ -175,12 +199,11 @@ def write_savanna_dir(
                     f"savanna.mp={mp_out}: {key} {tuple(value.shape)} does not split along dim {dim}"
                 )
             pieces = torch.chunk(value, mp_out, dim=dim) if dim is not None else [value] * mp_out
-            for rank, piece in enumerate(pieces):
-                modules[rank][key] = outs[rank].add(piece)
-                shapes[rank][key] = torch.Size(piece.shape)
+            submit(lambda key=key, pieces=pieces: write_pieces(key, pieces))
             written[key] = (tuple(value.shape), str(value.dtype).removeprefix("torch."))
-            progress.update(1)
             del value, pieces
+        while pending:
+            pending.popleft().result()
         run_args = dict(args or {})
         if run_args:
             run_args["model_parallel_size"] = mp_out
@@ -196,6 +219,7 @@ def write_savanna_dir(
                 }
             )
     finally:
+        writer.shutdown(wait=True)  # no write may still run when the files are closed
         progress.close()
         for out in outs:
             out.__exit__(None, None, None)

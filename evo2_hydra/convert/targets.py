@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -137,10 +138,13 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             nemo_format.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
         )
         crcs: dict[str, str] = {}
+        lock = threading.Lock()
 
-        def written_one(key: str, tensor: Tensor) -> None:
-            crcs[key] = tensor_crc32(tensor)
-            progress.update(tensor_nbytes(tensor))
+        def written_one(key: str, tensor: Tensor) -> None:  # called from the writer threads
+            crc = tensor_crc32(tensor)  # outside the lock: zlib releases the GIL
+            with lock:
+                crcs[key] = crc
+                progress.update(tensor_nbytes(tensor))
 
         with progress:
             written = nemo_format.write_nemo_checkpoint(
