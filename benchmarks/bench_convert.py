@@ -1,11 +1,13 @@
 """convert.py on a random checkpoint in the evo2_1b layout: every target vs `cp` of the same bytes.
 
-    python benchmarks/bench_convert.py [--context 8192] [--workdir DIR] [--keep]
+    python benchmarks/bench_convert.py [--context 8192] [--repeat 3] [--workdir DIR] [--keep]
 
 Writes a random evo2_1b checkpoint (25 layers `SDH*SDHSDH*...`, hidden 1920, MLP 5120, 128 hcm/hcs
 groups, bf16, savanna top-level keys; hcm/hcl filters `--context` columns wide, default 8192, the
 released width) as a single `.pt`, then runs, each in a fresh process, with the input read once
-before each run (warm page cache for all):
+before each run (warm page cache for all), `--repeat` rounds of all of them interleaved (the
+host's slow phases, measured here to make the same cp take 0.6 s or 6 s, then hit every run
+alike), reporting medians:
 - `cp` of the checkpoint file (the baseline);
 - `convert.py target=vortex`, `target=nemo` (torch_dist and zarr), `target=savanna savanna.mp=1`
   and `target=savanna savanna.dtype=float32`, all with `verify=false`;
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +77,14 @@ def make_file_of_size(path: Path, pattern: Path, size: int) -> None:
                     out.write(chunk)
 
 
+def summarize(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Medians of every measure over the rounds, plus the fastest wall time."""
+    out = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    out["min_wall_s"] = min(r["wall_s"] for r in runs)
+    out["peak_rss_anon_mb"] = max(r["peak_rss_anon_mb"] for r in runs)  # memory: the worst
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,6 +95,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument(
         "--keep", action="store_true", help="keep the scratch folder (and reuse its source)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of every run (medians are reported)"
     )
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
@@ -117,45 +131,52 @@ def main() -> None:
         "nemo zarr": [*base, "target=nemo", "nemo.format=zarr"],
         "savanna mp=1": [*base, "target=savanna", "savanna.mp=1"],
         "savanna float32": [*base, "target=savanna", "savanna.dtype=float32"],
-        "cp again": ["cp", str(source), str(work / "copy.pt")],
     }
-    results = {}
-    for name, cmd in runs.items():
-        out = work / f"out_{name.replace(' ', '_').replace('=', '')}"
-        if name not in ("cp", "cp again", "startup"):
-            cmd = [*cmd, f"output={out}"]
-        warm(source)
-        os.sync()  # every run starts with no dirty pages of an earlier run still being written back
-        results[name] = measure(cmd, cwd=REPO)
-        if out.is_dir():
-            results[name]["output_mib"] = sum(f.stat().st_size for f in out.rglob("*")) / 2**20
-        shutil.rmtree(out, ignore_errors=True)
-        (work / "copy.pt").unlink(missing_ok=True)
-    # savanna.dtype=float32 writes twice the bytes it reads: past the kernel's dirty-page limits
-    # the writer is throttled to the disk, so its fair baseline is cp of a file that large too.
-    f32_bytes = int(results["savanna float32"]["output_mib"] * 2**20)
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    rounds["cp f32-size"] = []
     big = work / "output_sized.bin"
-    make_file_of_size(big, source, f32_bytes)
-    warm(big)
-    os.sync()
-    results["cp f32-size"] = measure(["cp", str(big), str(work / "copy.pt")], cwd=REPO)
-    big.unlink()
-    (work / "copy.pt").unlink(missing_ok=True)
-    cp_s = min(results["cp"]["wall_s"], results["cp again"]["wall_s"])
-    startup_s = results["startup"]["wall_s"]
+    for _ in range(args.repeat):  # every run once per round: slow phases of the host hit all
+        for name, cmd in runs.items():
+            out = work / f"out_{name.replace(' ', '_').replace('=', '')}"
+            if name not in ("cp", "startup"):
+                cmd = [*cmd, f"output={out}"]
+            warm(source)
+            os.sync()  # every run starts with no dirty pages of an earlier run being written back
+            result = measure(cmd, cwd=REPO)
+            if out.is_dir():
+                result["output_mib"] = sum(f.stat().st_size for f in out.rglob("*")) / 2**20
+            rounds[name].append(result)
+            shutil.rmtree(out, ignore_errors=True)
+            (work / "copy.pt").unlink(missing_ok=True)
+        # savanna.dtype=float32 writes twice the bytes it reads: past the kernel's dirty-page
+        # limits the writer is throttled to the disk, so its fair baseline is cp of a file that
+        # large too.
+        f32_bytes = int(rounds["savanna float32"][-1]["output_mib"] * 2**20)
+        make_file_of_size(big, source, f32_bytes)
+        warm(big)
+        os.sync()
+        rounds["cp f32-size"].append(measure(["cp", str(big), str(work / "copy.pt")], cwd=REPO))
+        big.unlink()
+        (work / "copy.pt").unlink(missing_ok=True)
+    results = {name: summarize(runs_of) for name, runs_of in rounds.items()}
+    cp_s, startup_s = results["cp"]["wall_s"], results["startup"]["wall_s"]
     budget_mb = 1.5 * largest_mb + 500
     print(
         f"source: evo2_1b layout, context {args.context}, {size_mb:.0f} MiB; largest tensor {largest_mb:.1f} MiB"
     )
     print(f"load average: {os.getloadavg()[0]:.1f}; RssAnon target < {budget_mb:.0f} MiB")
-    print(f"time ratios against the faster of the two cp runs ({cp_s:.2f} s)")
-    header = f"{'run':<17}{'wall s':>8}{'-startup':>9}{'x cp':>7}{'(-startup)':>11}{'cpu s':>7}"
+    print(
+        f"median of {args.repeat} interleaved rounds (min in brackets); ratios of medians against "
+        f"cp ({cp_s:.2f} s); -startup: minus the start-up run ({startup_s:.2f} s)"
+    )
+    header = f"{'run':<17}{'wall s':>14}{'-startup':>9}{'x cp':>7}{'(-startup)':>11}{'cpu s':>7}"
     print(header + f"{'RssAnon MiB':>12}{'maxRSS MiB':>11}")
     for name, r in results.items():
-        baseline = name in ("cp", "cp again", "startup", "cp f32-size")
+        baseline = name in ("cp", "startup", "cp f32-size")
         net = r["wall_s"] if baseline else r["wall_s"] - startup_s
+        wall = f"{r['wall_s']:.2f} [{r['min_wall_s']:.2f}]"
         print(
-            f"{name:<17}{r['wall_s']:>8.2f}{net:>9.2f}{r['wall_s'] / cp_s:>7.2f}{net / cp_s:>11.2f}"
+            f"{name:<17}{wall:>14}{net:>9.2f}{r['wall_s'] / cp_s:>7.2f}{net / cp_s:>11.2f}"
             f"{r['cpu_s']:>7.2f}{r['peak_rss_anon_mb']:>12.0f}{r['max_rss_mb']:>11.0f}"
         )
     f32 = results["savanna float32"]["wall_s"] - startup_s
@@ -169,6 +190,7 @@ def main() -> None:
         "source_mib": size_mb,
         "largest_tensor_mib": largest_mb,
         "runs": results,
+        "rounds": rounds,
     }
     (work / "bench_convert.json").write_text(json.dumps(summary, indent=1))
     if not args.keep:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evo2_hydra.checkpoint.mapped import register_loaded_checkpoint
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def safe_load(path: str | Path, *, trust_pickle: bool = False, mmap: bool = True
         log.warning(
             "ckpt.trust_pickle=true: loading %s with full pickle; it can run arbitrary code", path
         )
-        return _torch_load(path, mmap=mmap, weights_only=False, allow=[])
+        return _registered(path, _torch_load(path, mmap=mmap, weights_only=False, allow=[]), mmap)
     allow = base_allowlist()
     unsafe = _unsafe_globals(path)
     allow += _deepspeed_globals(unsafe)
@@ -146,7 +147,14 @@ def safe_load(path: str | Path, *, trust_pickle: bool = False, mmap: bool = True
             "code and is not on the allowlist of savanna/DeepSpeed contents. If you trust this file, "
             "set ckpt.trust_pickle=true"
         )
-    return _torch_load(path, mmap=mmap, weights_only=True, allow=allow)
+    return _registered(path, _torch_load(path, mmap=mmap, weights_only=True, allow=allow), mmap)
+
+
+def _registered(path: Path, obj: Any, mmap: bool) -> Any:
+    """`obj`, its file mapping registered for file-to-file copies when a conversion tracks them."""
+    if mmap:
+        register_loaded_checkpoint(path, obj)
+    return obj
 
 
 def _torch_load(path: Path, *, mmap: bool, weights_only: bool, allow: list[Any]) -> Any:

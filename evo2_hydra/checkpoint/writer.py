@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import Tensor
 from evo2_hydra.checkpoint.layout import LATEST, MP_FILE_RE, ZERO3_FILE_RE, step_dirs
 from evo2_hydra.checkpoint.resize import flat_param_shapes
 from evo2_hydra.checkpoint.safe_load import safe_load
-from evo2_hydra.io_utils import atomic_dir, write_text_atomic
+from evo2_hydra.io_utils import atomic_dir, crc32, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def tensor_crc32(tensor: Tensor) -> str:
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return f"{0:08x}"
-    return f"{zlib.crc32(memoryview(flat.view(torch.uint8).numpy())):08x}"
+    return f"{crc32(memoryview(flat.view(torch.uint8).numpy())):08x}"
 
 
 def _model_state_files(step_dir: Path) -> list[Path]:

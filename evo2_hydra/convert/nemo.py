@@ -21,6 +21,7 @@ Tensors are produced lazily, one at a time, so memory stays at about one tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,7 +35,9 @@ import torch
 import yaml
 from torch import Tensor
 
+from evo2_hydra.checkpoint.mapped import concat_rows
 from evo2_hydra.config import ModelConfig, NemoFormat
+from evo2_hydra.convert.bulk_io import BulkFile
 from evo2_hydra.convert.vortex import block_index, final_norm_index
 from evo2_hydra.errors import UserError
 
@@ -222,9 +225,14 @@ def savanna_to_nemo(
         yield entry(
             d + "mlp.linear_fc1.weight",
             (w1[0] + w2[0], w1[1]),
-            lambda k=s: torch.cat(
-                [sd[k + "mlp.w1.weight"], sd[k + "mlp.w2.weight"]], dim=0
-            ),  # gate first
+            # Gate first. A placeholder for the writers (their bytes one after the other), so
+            # it is cast part by part: the outer cast is then a no-op that reads nothing.
+            lambda k=s, d=d: concat_rows(
+                [
+                    _cast(d + "mlp.linear_fc1.weight", sd[k + f"mlp.{w}.weight"])
+                    for w in ("w1", "w2")
+                ]
+            ),
         )
         yield copy(d + "mlp.linear_fc2.weight", s + "mlp.w3.weight")
     yield copy(
@@ -449,7 +457,10 @@ def _lazy_save_planner(producers: Mapping[str, Producer], on_tensor: Callable[[s
     return LazySavePlanner(flatten_state_dict=False)
 
 
-WRITER_THREADS = 2
+# One writer: its copies run in the kernel (convert/bulk_io.py) while the CRC32s run on a second
+# thread (convert/targets.py). Two writers were measured no faster: two concurrent copies take as
+# long as one.
+WRITER_THREADS = 1
 
 
 def _ordered_writer(base):
@@ -462,6 +473,10 @@ def _ordered_writer(base):
     from torch.futures import Future
 
     class OrderedFileSystemWriter(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.fs = _bulk_file_system(type(self.fs))
+
         def write_data(self, plan, planner):
             results = super().write_data(plan, planner).wait()
             results.sort(key=lambda r: _file_number(r.storage_data.relative_path))
@@ -470,6 +485,23 @@ def _ordered_writer(base):
             return done
 
     return OrderedFileSystemWriter
+
+
+def _bulk_file_system(base):
+    """DCP's file system with `BulkFile` streams for writing: each tensor that torch.save puts
+    into a `.distcp` file unchanged from the memory-mapped source is copied file to file."""
+
+    class BulkFileSystem(base):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode: str):
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with BulkFile(path) as stream:
+                yield stream
+
+    return BulkFileSystem()
 
 
 def _file_number(relative_path: str) -> int:
@@ -511,8 +543,6 @@ def write_torch_dist(
                     # No fsync per file (hundreds of them): like the other targets, the folder
                     # is complete when it is renamed into place.
                     sync_files=False,
-                    # Two writers: while one thread copies a tensor into its file, the other
-                    # makes the next one (cat, CRC32); both release the GIL. ~2x on 2 cores.
                     thread_count=WRITER_THREADS,
                 ),
                 planner=_lazy_save_planner(producers, on_tensor),
@@ -542,8 +572,8 @@ def write_zarr_array(folder: Path, tensor: Tensor) -> None:
     (folder / ".zarray").write_text(json.dumps(meta))
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     chunk_name = ".".join("0" for _ in tensor.shape) or "0"
-    with open(folder / chunk_name, "wb") as f:
-        f.write(raw.numpy().data)  # no copy: straight from the (often memory-mapped) tensor
+    with BulkFile(folder / chunk_name) as f:
+        f.write(raw.numpy().data)  # the tensor's own memory: file to file when it is mapped
 
 
 def write_zarr(

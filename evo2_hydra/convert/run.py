@@ -13,7 +13,9 @@ import logging
 from pathlib import Path
 
 from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
+from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
+from evo2_hydra.convert import bulk_io
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger("evo2_hydra.convert")
@@ -82,6 +84,18 @@ def run_convert(conv: ConvertConfig) -> Path:
         raise UserError(f"output={output} already exists; set overwrite=true to replace it")
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UserError(f"output={output} is inside source={source}; the source is never modified")
-    result = convert(conv, source, output)
-    log.info("wrote %s", result)
+    # Sources loaded in this block are registered with their file offsets, so tensors that a
+    # target writes unchanged are copied file to file (convert/bulk_io.py).
+    with tracking_mapped_files():
+        written_before, copied_before = bulk_io.totals()
+        result = convert(conv, source, output)
+        written, copied = (
+            now - before for now, before in zip(bulk_io.totals(), (written_before, copied_before))
+        )
+    log.info(
+        "wrote %s (%.2f GiB of tensor data, %.2f GiB of it copied file to file)",
+        result,
+        written / 2**30,
+        copied / 2**30,
+    )
     return result

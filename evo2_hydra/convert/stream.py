@@ -20,14 +20,17 @@ import pickle
 import sys
 import time
 import weakref
-import zlib
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from evo2_hydra.checkpoint import mapped
+from evo2_hydra.convert.bulk_io import BulkFile
 
 # dtype -> the legacy typed-storage class torch.save records (what torch.load maps back to a dtype).
 _STORAGE_TYPES = {
@@ -47,10 +50,16 @@ _STORAGE_TYPES = {
 class _StorageRef:
     """Stands for a storage already written as `data/<key>`; pickled as a persistent id."""
 
-    __slots__ = ("key", "dtype", "numel", "crc32")
+    __slots__ = ("key", "dtype", "numel", "_crc32")
 
-    def __init__(self, key: str, dtype: torch.dtype, numel: int, crc32: str) -> None:
-        self.key, self.dtype, self.numel, self.crc32 = key, dtype, numel, crc32
+    def __init__(self, key: str, dtype: torch.dtype, numel: int, crc32: str | Future) -> None:
+        self.key, self.dtype, self.numel, self._crc32 = key, dtype, numel, crc32
+
+    @property
+    def crc32(self) -> str:
+        if isinstance(self._crc32, Future):
+            self._crc32 = self._crc32.result()
+        return self._crc32
 
 
 class TensorRef:
@@ -82,33 +91,82 @@ class TensorRef:
         return (torch._utils._rebuild_tensor_v2, args)
 
 
+class BackgroundCrc32:
+    """Tensor CRC32s (8 hex digits) on one background thread, while the bytes are written.
+
+    Copies inside the kernel and zlib both release the GIL, so on two cores the checksums cost
+    next to no wall time. At most `ahead` wait (each holds its tensor alive); `submit` blocks
+    beyond that, so memory stays at a few tensors.
+    """
+
+    def __init__(self, ahead: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
+        self._pending: collections.deque[Future] = collections.deque()
+        self._ahead = ahead
+
+    def submit(self, tensor: Tensor) -> Future:
+        future = self._pool.submit(tensor_crc32, tensor)
+        self._pending.append(future)
+        while len(self._pending) > self._ahead or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class TorchSaveStream:
     """`with TorchSaveStream(path) as out: ref = out.add(t) ...; out.finish(obj_with_refs)`.
 
-    `obj` may contain real tensors too (small ones); they are written on `finish`.
+    `obj` may contain real tensors too (small ones); they are written on `finish`. Bytes go
+    through `BulkFile`, so a tensor unchanged from a memory-mapped source file is copied file to
+    file; each tensor's CRC32 (for manifests) is computed on a second thread meanwhile.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._file = BulkFile(self.path)
         # No zip-level CRC32: miniz computes it at ~120 MB/s, 7x slower than the write itself.
         # torch.load does not need it (torch.serialization.set_crc32_options(False) writes the
         # same); our manifests carry a CRC32 per tensor instead, computed here with zlib.
+        # Given a file object, torch names the archive's top folder `archive/`, as torch.save
+        # to an open file does (given a path it uses the file's stem); torch.load takes either.
         self._zip = torch._C.PyTorchFileWriter(
-            str(self.path), False, torch.serialization._get_storage_alignment()
+            self._file, False, torch.serialization._get_storage_alignment()
         )
         self._count = 0
         # data_ptr -> (weak ref to the tensor, ref): a tensor given twice (a tied embedding) is
         # stored once. The weak ref guards against a freed tensor's address being reused.
         self._written: dict[int, tuple[weakref.ref, _StorageRef]] = {}
+        self._crc = BackgroundCrc32()
         self._finished = False
         self.bytes_written = 0
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes copied file to file from a memory-mapped source (the rest went through memory)."""
+        return self._file.copied_bytes
 
     def __enter__(self) -> TorchSaveStream:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if not self._finished:
-            self._zip.write_end_of_file()  # close the handle; the caller discards the file
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._finished:
+            return
+        try:
+            # Finalize the zip writer in any case (torch marks it finalized even when this
+            # raises), so its destructor never writes; the caller discards the file.
+            self._zip.write_end_of_file()
+        except Exception:
+            if exc_type is None:
+                raise
+            # already failing: that first error is the one to report
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._crc.close()
+        self._file.close()
 
     def add(self, tensor: Tensor) -> TensorRef:
         """Write `tensor`'s bytes now; return the reference to put in the pickled object."""
@@ -116,16 +174,22 @@ class TorchSaveStream:
             tensor = tensor.cpu()
         if tensor.dtype not in _STORAGE_TYPES:
             raise TypeError(f"cannot stream a tensor of dtype {tensor.dtype}")
-        # A view of a larger storage (e.g. h[:, :128]) would drag the whole storage along: copy it.
         storage = tensor.untyped_storage()
+        nbytes = tensor.numel() * tensor.element_size()
         whole = (
-            tensor.is_contiguous()
-            and tensor.storage_offset() == 0
-            and storage.nbytes() == tensor.numel() * tensor.element_size()
+            tensor.is_contiguous() and tensor.storage_offset() == 0 and storage.nbytes() == nbytes
         )
         if not whole:
-            tensor = tensor.contiguous().clone()
-            storage = tensor.untyped_storage()
+            # A view of a larger storage (h[:, :128], an MP chunk) would drag the whole storage
+            # along: write only its bytes, from where they are when they are contiguous (a
+            # slice of the storage keeps a memory-mapped source's address, so it is copied file
+            # to file), else from a contiguous copy.
+            if tensor.is_contiguous():
+                start = tensor.storage_offset() * tensor.element_size()
+                storage = storage[start : start + nbytes]
+            else:
+                tensor = tensor.contiguous()
+                storage = tensor.untyped_storage()
         ref = None
         if whole and (seen := self._written.get(storage.data_ptr())) is not None:
             owner, ref = seen[0](), seen[1]
@@ -134,10 +198,10 @@ class TorchSaveStream:
         if ref is None or ref.dtype != tensor.dtype or ref.numel != tensor.numel():
             key = str(self._count)
             self._count += 1
-            nbytes = storage.nbytes()
+            crc = self._crc.submit(torch.empty(0, dtype=torch.uint8).set_(storage))
             self._zip.write_record(f"data/{key}", storage, nbytes)
             self.bytes_written += nbytes
-            ref = _StorageRef(key, tensor.dtype, tensor.numel(), storage_crc32(storage))
+            ref = _StorageRef(key, tensor.dtype, tensor.numel(), crc)
             if whole:
                 self._written[storage.data_ptr()] = (weakref.ref(tensor), ref)
         return TensorRef(ref, tuple(tensor.shape), tuple(tensor.stride()))
@@ -165,8 +229,11 @@ class TorchSaveStream:
         alignment = str(torch.serialization._get_storage_alignment())
         self._zip.write_record(".storage_alignment", alignment, len(alignment))
         self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        self._zip.write_end_of_file()
-        self._finished = True
+        try:
+            self._zip.write_end_of_file()
+            self._finished = True
+        finally:
+            self._close()
 
 
 def return_freed_memory_to_os() -> None:
@@ -187,19 +254,10 @@ def return_freed_memory_to_os() -> None:
         pass  # not glibc: nothing to tune
 
 
-def storage_crc32(storage: torch.UntypedStorage) -> str:
-    if storage.nbytes() == 0:
-        return f"{0:08x}"
-    data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-    return f"{zlib.crc32(memoryview(data)):08x}"
-
-
 def tensor_crc32(tensor: Tensor) -> str:
-    """CRC32 of a tensor's bytes in row-major order (as checkpoint/writer.py's manifests)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return f"{0:08x}"
-    return f"{zlib.crc32(memoryview(flat.view(torch.uint8).numpy())):08x}"
+    """CRC32 of a tensor's bytes in row-major order (as checkpoint/writer.py's manifests);
+    a `concat_rows` placeholder's from its parts."""
+    return f"{mapped.crc32_of(tensor.detach()):08x}"
 
 
 def conversion_progress(total: int, desc: str, unit: str = "B") -> tqdm:

@@ -8,10 +8,12 @@ into place. Any error before the rename leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,10 @@ from evo2_hydra.convert import nemo as nemo_format
 from evo2_hydra.convert import vortex as vortex_format
 from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.stream import (
+    BackgroundCrc32,
     TorchSaveStream,
     conversion_progress,
     return_freed_memory_to_os,
-    tensor_crc32,
     tensor_nbytes,
     write_manifest,
 )
@@ -137,16 +139,16 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
         progress = conversion_progress(
             nemo_format.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
         )
-        crcs: dict[str, str] = {}
+        crcs: dict[str, Future] = {}
+        checksums = BackgroundCrc32()
         lock = threading.Lock()
 
         def written_one(key: str, tensor: Tensor) -> None:  # called from the writer threads
-            crc = tensor_crc32(tensor)  # outside the lock: zlib releases the GIL
             with lock:
-                crcs[key] = crc
+                crcs[key] = checksums.submit(tensor)
                 progress.update(tensor_nbytes(tensor))
 
-        with progress:
+        with progress, contextlib.closing(checksums):
             written = nemo_format.write_nemo_checkpoint(
                 tmp,
                 state,
@@ -167,7 +169,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             tmp,
             source=src.describe(),
             target=f"nemo/{conv.nemo.format.value}",
-            tensors={k: (*v, crcs[k]) for k, v in written.items()},
+            tensors={k: (*v, crcs[k].result()) for k, v in written.items()},
             extra={"model": cfg.name, "verify_max_logit_diff": diff},
         )
     log.info("nemo: wrote %s (%s)", output, conv.nemo.format.value)
