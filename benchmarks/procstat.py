@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,13 +44,17 @@ def rss_anon_kb(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str], cwd: str | Path | None = None) -> dict[str, float]:
+def measure(
+    cmd: list[str], cwd: str | Path | None = None, stdout: list[str] | None = None
+) -> dict[str, float]:
     """Run `cmd`; return wall and CPU seconds, peak RssAnon and max RSS in MiB.
 
+    `stdout`: a list to append the child's standard output to (else it is discarded).
     Raises SystemExit with the child's stderr tail when it fails.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    out_file = tempfile.TemporaryFile() if stdout is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=out_file, stderr=subprocess.PIPE)
     peak = [0]
     done = threading.Event()
 
@@ -66,6 +71,10 @@ def measure(cmd: list[str], cwd: str | Path | None = None) -> dict[str, float]:
     done.set()
     poller.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if stdout is not None:
+        out_file.seek(0)
+        stdout.append(out_file.read().decode(errors="replace"))
+        out_file.close()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{stderr.decode()[-3000:]}")
     return {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from pathlib import Path
 
 from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
@@ -87,15 +88,14 @@ def run_convert(conv: ConvertConfig) -> Path:
     # Sources loaded in this block are registered with their file offsets, so tensors that a
     # target writes unchanged are copied file to file (convert/bulk_io.py).
     with tracking_mapped_files():
-        written_before, copied_before = bulk_io.totals()
+        started, before = time.perf_counter(), bulk_io.totals()
         result = convert(conv, source, output)
-        written, copied = (
-            now - before for now, before in zip(bulk_io.totals(), (written_before, copied_before))
-        )
+        seconds, after = time.perf_counter() - started, bulk_io.totals()
     log.info(
-        "wrote %s (%.2f GiB of tensor data, %.2f GiB of it copied file to file)",
+        "wrote %s: converted in %.2f s (%.2f GiB of tensor data, %.2f GiB of it copied file to file)",
         result,
-        written / 2**30,
-        copied / 2**30,
+        seconds,
+        (after[0] - before[0]) / 2**30,
+        (after[1] - before[1]) / 2**30,
     )
     return result
