@@ -185,3 +185,22 @@ def test_conversions_are_byte_identical_with_and_without_copies(
     assert fast.keys() == plain.keys()
     for name in fast:
         assert fast[name] == plain[name], name
+
+
+def test_without_preallocation_the_bytes_are_the_same(saved, tmp_path, monkeypatch):
+    import ctypes
+
+    def unsupported(fd, mode, offset, length):
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    reference = tmp_path / "reference.pt"
+    with mapped.tracking_mapped_files():
+        _stream_copy(saved, reference)
+    monkeypatch.setattr(bulk_io, "_libc_fallocate", unsupported)
+    monkeypatch.setattr(BulkFile, "preallocate", True)
+    other = tmp_path / "other.pt"
+    with mapped.tracking_mapped_files():
+        _stream_copy(saved, other)
+    assert BulkFile.preallocate is False  # switched off after the first refusal
+    assert other.read_bytes() == reference.read_bytes()

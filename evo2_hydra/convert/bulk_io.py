@@ -7,7 +7,10 @@ things that kept a conversion several times slower than `cp` of the same bytes w
   them, for every target) is now copied file to file with copy_file_range(2), located in the
   source file by `checkpoint/mapped.py`;
 - single write() calls of tens of MB, which ran at 0.5-1 GB/s where the same bytes in 1 MiB
-  pieces ran at 2-2.8 GB/s: everything else is written in 1 MiB pieces.
+  pieces ran at 2-2.8 GB/s: everything else is written in 1 MiB pieces;
+- letting ext4 allocate blocks page by page as the bytes arrive: each large write's range is
+  allocated first with fallocate(2), which made the same copies ~20% faster (0.71 s instead of
+  0.91 s for the 2 GB of records of an evo2_1b checkpoint).
 The bytes in the file are the same whichever way they got there. (Splitting one copy between
 two threads did not help: two concurrent copy_file_range calls took as long as one.)
 
@@ -17,6 +20,7 @@ and the zarr chunk writer are given; they call `write(memoryview)` with the tens
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -60,10 +64,28 @@ def address_of(buffer: memoryview) -> int:
     return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data) if buffer.nbytes else 0
 
 
+_libc_fallocate = None
+
+
+def _fallocate():
+    """libc's fallocate(fd, mode, offset, len), or None where there is none."""
+    global _libc_fallocate
+    if _libc_fallocate is None:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).fallocate
+            function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            function.restype = ctypes.c_int
+            _libc_fallocate = function
+        except (OSError, AttributeError):
+            _libc_fallocate = False
+    return _libc_fallocate or None
+
+
 class BulkFile:
     """A binary file opened for writing (truncated), with `write`, `tell`, `flush`, `close`."""
 
-    kernel_copy = True  # class-wide switch, off after the kernel refused once
+    kernel_copy = True  # class-wide switches, off after the kernel refused once
+    preallocate = True
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -99,6 +121,7 @@ class BulkFile:
                 self.flush()
             return n
         self.flush()
+        self._reserve(self._pos, n)
         if sources is None:
             self._write_memory(self._pos, view)
             _totals.add(n, 0)
@@ -128,6 +151,17 @@ class BulkFile:
         self.close()
 
     # -- the bulk path --------------------------------------------------------------------------
+    def _reserve(self, pos: int, n: int) -> None:
+        """Allocate the file's blocks for [pos, pos + n) in one call (mode 0: the file grows to
+        pos + n, which the write that follows fills). Skipped where the file system cannot; never
+        glibc's posix_fallocate, which emulates it by writing zeros."""
+        fallocate = _fallocate() if BulkFile.preallocate else None
+        if fallocate is None or fallocate(self._fd, 0, pos, n) == 0:
+            return
+        if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+            BulkFile.preallocate = False
+        # anything else (ENOSPC): the write that follows fails and reports it
+
     def _write_sources(self, pos: int, sources: list[mapped.Segment]) -> None:
         for source in sources:
             if isinstance(source, memoryview):
