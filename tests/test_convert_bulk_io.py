@@ -8,6 +8,7 @@ copied), fall back cleanly where the kernel refuses, and never write a placehold
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 from pathlib import Path
@@ -93,19 +94,36 @@ def test_registry_bounds_and_lifetime(saved):
         os.fstat(fd)  # and its file was closed
 
 
-def test_kernel_refusal_falls_back_to_reading_the_file(saved, tmp_path, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
+def _refuse_copy(*args, **kwargs):
+    raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    plain = tmp_path / "plain.pt"
-    _stream_copy(saved, plain)
-    monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr(BulkFile, "kernel_copy", True)
-    fallback = tmp_path / "fallback.pt"
+
+def _refuse_fallocate(fd, mode, offset, length):
+    ctypes.set_errno(errno.EOPNOTSUPP)
+    return -1
+
+
+@pytest.mark.parametrize(
+    "owner, name, refusal, switch",
+    [
+        (os, "copy_file_range", _refuse_copy, "kernel_copy"),  # bytes then read from the file
+        (bulk_io, "_libc_fallocate", _refuse_fallocate, "preallocate"),
+    ],
+    ids=["copy_file_range", "fallocate"],
+)
+def test_kernel_refusals_switch_the_feature_off_and_change_no_byte(
+    saved, tmp_path, monkeypatch, owner, name, refusal, switch
+):
+    reference = tmp_path / "reference.pt"
     with mapped.tracking_mapped_files():
-        _stream_copy(saved, fallback)
-    assert BulkFile.kernel_copy is False
-    assert fallback.read_bytes() == plain.read_bytes()
+        _stream_copy(saved, reference)
+    monkeypatch.setattr(owner, name, refusal)
+    monkeypatch.setattr(BulkFile, switch, True)
+    other = tmp_path / "other.pt"
+    with mapped.tracking_mapped_files():
+        _stream_copy(saved, other)
+    assert getattr(BulkFile, switch) is False  # off after the first refusal
+    assert other.read_bytes() == reference.read_bytes()
 
 
 def test_other_copy_errors_are_raised(saved, tmp_path, monkeypatch):
@@ -185,22 +203,3 @@ def test_conversions_are_byte_identical_with_and_without_copies(
     assert fast.keys() == plain.keys()
     for name in fast:
         assert fast[name] == plain[name], name
-
-
-def test_without_preallocation_the_bytes_are_the_same(saved, tmp_path, monkeypatch):
-    import ctypes
-
-    def unsupported(fd, mode, offset, length):
-        ctypes.set_errno(errno.EOPNOTSUPP)
-        return -1
-
-    reference = tmp_path / "reference.pt"
-    with mapped.tracking_mapped_files():
-        _stream_copy(saved, reference)
-    monkeypatch.setattr(bulk_io, "_libc_fallocate", unsupported)
-    monkeypatch.setattr(BulkFile, "preallocate", True)
-    other = tmp_path / "other.pt"
-    with mapped.tracking_mapped_files():
-        _stream_copy(saved, other)
-    assert BulkFile.preallocate is False  # switched off after the first refusal
-    assert other.read_bytes() == reference.read_bytes()
