@@ -1,7 +1,7 @@
 """`BulkFile`: the write-only file every conversion writes tensor bytes through.
 
-Measured on this project's 2-core CI machine (2 GB of bf16 tensors, warm page cache), the two
-things that kept a conversion several times slower than `cp` of the same bytes were:
+Measured on this project's 2-core CI machine (2 GB of bf16 tensors, warm page cache), three
+things kept a conversion several times slower than `cp` of the same bytes:
 - reading a tensor through the source's memory mapping and writing it back from user space,
   where `cp` copies inside the kernel: a tensor that leaves the conversion unchanged (most of
   them, for every target) is now copied file to file with copy_file_range(2), located in the
@@ -15,7 +15,9 @@ The bytes in the file are the same whichever way they got there. (Splitting one 
 two threads did not help: two concurrent copy_file_range calls took as long as one.)
 
 `BulkFile` is what torch's zip writer (`torch._C.PyTorchFileWriter(file)`), DCP's file streams
-and the zarr chunk writer are given; they call `write(memoryview)` with the tensor's own memory.
+and the zarr chunk writer are given; they call `write(memoryview)` with the tensor's own memory,
+and `mapped.segments()` says where those bytes come from: a registered file (copied), the parts
+of a `concat_rows` placeholder (each copied or written), or nowhere else (written from memory).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def _fallocate():
 class BulkFile:
     """A binary file opened for writing (truncated), with `write`, `tell`, `flush`, `close`."""
 
-    kernel_copy = True  # class-wide switches, off after the kernel refused once
+    # Class-wide switches, off after the kernel refused once (copy_file_range is Linux only).
+    kernel_copy = hasattr(os, "copy_file_range")
     preallocate = True
 
     def __init__(self, path: str | Path) -> None:
