@@ -72,6 +72,10 @@ def default_output(conv: ConvertConfig, source: Path) -> Path:
     return Path(conv.paths.output_root) / "exports" / f"{name}-{target}"
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def run_convert(conv: ConvertConfig) -> Path:
     """Entry of convert.py (after validation): check source and output, run the target."""
     convert = _target(conv.target.kind)
@@ -92,10 +96,10 @@ def run_convert(conv: ConvertConfig) -> Path:
         result = convert(conv, source, output)
         seconds, after = time.perf_counter() - started, bulk_io.totals()
     log.info(
-        "wrote %s: converted in %.2f s (%.2f GiB of tensor data, %.2f GiB of it copied file to file)",
+        "wrote %s: converted in %.2f s (%s of tensor data, %s of it copied file to file)",
         result,
         seconds,
-        (after[0] - before[0]) / 2**30,
-        (after[1] - before[1]) / 2**30,
+        _size(after[0] - before[0]),
+        _size(after[1] - before[1]),
     )
     return result
