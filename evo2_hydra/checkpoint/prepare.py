@@ -20,6 +20,7 @@ import torch
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.legacy import interleave_legacy_projections, mlp_width, pad_mlp
 from evo2_hydra.checkpoint.loader import IMPORTED_FROM, load_shards, shard_shapes
+from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
 from evo2_hydra.checkpoint.resize import (
     ScratchAllocator,
@@ -151,6 +152,8 @@ def resize_to_dir(
     Each shard's tensors are read from its memory map only while that shard is written. With
     `merge`, MP shards are concatenated into one MP=1 file (needed to train at MP=1).
     """
+    from evo2_hydra.convert.stream import TorchSaveStream  # the conversion package's writer
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"output={out_dir} already exists; set overwrite=true to replace it")
@@ -173,7 +176,10 @@ def resize_to_dir(
             for rank, module in enumerate(modules):
                 out = _transform(module, context, pad_to=pad_to, allocator=allocator, fit=fit)
                 payload = model_state_payload(out, iteration=iteration, mp=mp, extra={"args": args})
-                torch.save(payload, step_tmp / mp_file_name(rank))
+                # torch.save's format, tensor by tensor; unchanged tensors of a source loaded in
+                # a tracking_mapped_files() block are copied file to file (convert/bulk_io.py).
+                with TorchSaveStream(step_tmp / mp_file_name(rank)) as stream:
+                    stream.finish(payload)
                 del out, payload, module
                 pause_for_tests()
 
@@ -235,6 +241,15 @@ def prepare_base_checkpoint(
     if _cached(out_dir, key):
         log.info("base checkpoint: reusing %s (same source and settings)", out_dir)
         return out_dir
+    with tracking_mapped_files():  # unchanged tensors are then copied file to file
+        _prepare(location, ckpt, model, out_dir, key)
+    return out_dir
+
+
+def _prepare(
+    location: CheckpointLocation, ckpt: CkptConfig, model: ModelConfig, out_dir: Path, key: dict
+) -> None:
+    """Load, check, resize and write (the body of prepare_base_checkpoint's tracking block)."""
     shards = load_shards(location, trust_pickle=ckpt.trust_pickle)
     shapes = merged_shapes(shard_shapes(shards))
     imported = shards[0].get(IMPORTED_FROM)
@@ -263,7 +278,6 @@ def prepare_base_checkpoint(
         extra_files={PREPARED_MARKER: marker},
         fit=lambda module: fit_to_model(module, model, ckpt.context),
     )
-    return out_dir
 
 
 def prepare_shared_base_checkpoint(
@@ -296,7 +310,8 @@ def resize_context(
     Keeps the MP layout and the source iteration (at least 1).
     """
     location = locate_checkpoint(source)
-    shards = load_shards(location, trust_pickle=trust_pickle)
-    context_width(merged_shapes(shard_shapes(shards)), location.describe())
-    iteration = max(1, shards[0].get("iteration") or location.iteration or 1)
-    return resize_to_dir(shards, out_dir, context, iteration=iteration, overwrite=overwrite)
+    with tracking_mapped_files():  # unchanged tensors are then copied file to file
+        shards = load_shards(location, trust_pickle=trust_pickle)
+        context_width(merged_shapes(shard_shapes(shards)), location.describe())
+        iteration = max(1, shards[0].get("iteration") or location.iteration or 1)
+        return resize_to_dir(shards, out_dir, context, iteration=iteration, overwrite=overwrite)
