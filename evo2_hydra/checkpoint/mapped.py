@@ -14,6 +14,11 @@ its first bytes are filled in (the rest is never touched, so it costs no RAM); a
 (convert/bulk_io.py), CRC32s of it come from its parts (`crc32_of`), and a partial read through
 `segments()` is an error.
 
+The copies read the file, so they rely on the mapped tensors never being changed in place (torch
+maps the file copy-on-write: a changed page would no longer be what the file holds). Conversions
+only ever read their sources; `tests/test_convert_bulk_io.py` checks every target's files are
+the same with and without the copies.
+
 Registration only happens inside `tracking_mapped_files()` (each conversion runs in one). A
 registered mapping or placeholder is kept alive, and its file open, until that block ends, so
 none of its addresses can be handed to other memory while they are being looked up.
