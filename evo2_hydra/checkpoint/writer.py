@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from evo2_hydra.checkpoint.layout import LATEST, MP_FILE_RE, ZERO3_FILE_RE, step_dirs
+from evo2_hydra.checkpoint.mapped import crc32_of
 from evo2_hydra.checkpoint.resize import flat_param_shapes
 from evo2_hydra.checkpoint.safe_load import safe_load
-from evo2_hydra.io_utils import atomic_dir, crc32, write_text_atomic
+from evo2_hydra.io_utils import atomic_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,9 @@ def pause_for_tests() -> None:
 
 
 def tensor_crc32(tensor: Tensor) -> str:
-    """CRC32 of the tensor's bytes (row-major), as 8 hex digits."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return f"{0:08x}"
-    return f"{crc32(memoryview(flat.view(torch.uint8).numpy())):08x}"
+    """CRC32 of the tensor's bytes (row-major), as 8 hex digits (a `concat_rows` placeholder's
+    from its parts)."""
+    return f"{crc32_of(tensor.detach()):08x}"
 
 
 def _model_state_files(step_dir: Path) -> list[Path]:

@@ -142,6 +142,8 @@ def resolve_model_size(model_size: str | None, cfg: ModelConfig) -> str | None:
 
 
 Producer = Callable[[], Tensor]
+# (NeMo key, (shape, dtype), producer): what the writers are handed, planned without reading data
+Entry = tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]
 
 
 def _cast(key: str, tensor: Tensor) -> Tensor:
@@ -161,7 +163,7 @@ def savanna_to_nemo(
     cfg: ModelConfig,
     shapes: Mapping[str, tuple[int, ...]],
     hcm_taps: int = 128,
-) -> Iterator[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]]:
+) -> Iterator[Entry]:
     """Yield `(nemo key, (shape, dtype), producer)`; `sd` is read only when `producer()` runs.
 
     `shapes` are the source's (MP=1) shapes, so planning reads no tensor data.
@@ -444,8 +446,7 @@ def _lazy_save_planner(producers: Mapping[str, Producer], on_tensor: Callable[[s
         """Plans from meta placeholders; makes each tensor only when the writer asks for it."""
 
         def resolve_data(self, write_item):
-            # The CRC32 switch is per thread and DCP's extra writer threads start with it on:
-            # off here, just before each torch.save (those threads end with the save).
+            # torch's zip CRC32 switch is per thread: off in whichever thread DCP saves from.
             torch.serialization.set_crc32_options(False)
             make = producers.get(write_item.index.fqn)
             if make is None:
@@ -457,34 +458,15 @@ def _lazy_save_planner(producers: Mapping[str, Producer], on_tensor: Callable[[s
     return LazySavePlanner(flatten_state_dict=False)
 
 
-# One writer: its copies run in the kernel (convert/bulk_io.py) while the CRC32s run on a second
-# thread (convert/targets.py). Two writers were measured no faster: two concurrent copies take as
-# long as one.
-WRITER_THREADS = 1
+def _bulk_writer(base):
+    """`base` (DCP's FileSystemWriter) writing through `BulkFile` streams."""
 
-
-def _ordered_writer(base):
-    """`base` (DCP's FileSystemWriter) whose write results come back in plan order.
-
-    With several threads the results arrive in completion order, and `.metadata` pickles them in
-    that order; sorting by file number (files are named in plan order before any thread starts)
-    makes `.metadata` byte-for-byte what one thread writes.
-    """
-    from torch.futures import Future
-
-    class OrderedFileSystemWriter(base):
+    class BulkFileSystemWriter(base):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.fs = _bulk_file_system(type(self.fs))
 
-        def write_data(self, plan, planner):
-            results = super().write_data(plan, planner).wait()
-            results.sort(key=lambda r: _file_number(r.storage_data.relative_path))
-            done: Future = Future()
-            done.set_result(results)
-            return done
-
-    return OrderedFileSystemWriter
+    return BulkFileSystemWriter
 
 
 def _bulk_file_system(base):
@@ -504,14 +486,9 @@ def _bulk_file_system(base):
     return BulkFileSystem()
 
 
-def _file_number(relative_path: str) -> int:
-    """`__0_17.distcp` -> 17 (DCP's `<prefix><count>.distcp`)."""
-    return int(relative_path.removesuffix(".distcp").rsplit("_", 1)[-1])
-
-
 def write_torch_dist(
     weights_dir: Path,
-    entries: list[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]],
+    entries: list[Entry],
     extra_keys: list[str],
     on_tensor: Callable[[str, Tensor], None],
 ) -> None:
@@ -537,13 +514,16 @@ def write_torch_dist(
             )
             dcp.save(
                 placeholders,
-                storage_writer=_ordered_writer(FileSystemWriter)(
+                storage_writer=_bulk_writer(FileSystemWriter)(
                     str(weights_dir),
                     single_file_per_rank=False,
                     # No fsync per file (hundreds of them): like the other targets, the folder
                     # is complete when it is renamed into place.
                     sync_files=False,
-                    thread_count=WRITER_THREADS,
+                    # One writer thread: its copies run in the kernel (convert/bulk_io.py)
+                    # while the CRC32s run on a second thread (convert/targets.py); two writers
+                    # measured no faster (two concurrent copies take as long as one).
+                    thread_count=1,
                 ),
                 planner=_lazy_save_planner(producers, on_tensor),
                 no_dist=True,
@@ -578,27 +558,16 @@ def write_zarr_array(folder: Path, tensor: Tensor) -> None:
 
 def write_zarr(
     weights_dir: Path,
-    entries: list[tuple[str, tuple[tuple[int, ...], torch.dtype], Producer]],
+    entries: list[Entry],
     extra_keys: list[str],
     on_tensor: Callable[[str, Tensor], None],
 ) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    def write_one(key: str, make: Producer) -> None:
+    # One array at a time, as torch_dist: the copies run in the kernel, the CRC32s (on_tensor)
+    # on a second thread, and only the tensor being written is alive.
+    for key, _, make in entries:
         tensor = make()
         write_zarr_array(weights_dir / key, tensor)
         on_tensor(key, tensor)
-
-    # As torch_dist: WRITER_THREADS arrays at a time (make, write, CRC all release the GIL), and
-    # at most that many submitted ahead, so memory stays at a few tensors.
-    with ThreadPoolExecutor(WRITER_THREADS) as pool:
-        pending = []
-        for key, _, make in entries:
-            if len(pending) >= 2 * WRITER_THREADS:
-                pending.pop(0).result()
-            pending.append(pool.submit(write_one, key, make))
-        for job in pending:
-            job.result()
     for key in extra_keys:
         name, shard = key.split("/")
         (weights_dir / name).mkdir(parents=True, exist_ok=True)

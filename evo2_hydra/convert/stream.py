@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from evo2_hydra.checkpoint import mapped
+from evo2_hydra.checkpoint.writer import tensor_crc32
 from evo2_hydra.convert.bulk_io import BulkFile
 
 # dtype -> the legacy typed-storage class torch.save records (what torch.load maps back to a dtype).
@@ -252,12 +252,6 @@ def return_freed_memory_to_os() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (also disables the dynamic adjustment)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
-
-
-def tensor_crc32(tensor: Tensor) -> str:
-    """CRC32 of a tensor's bytes in row-major order (as checkpoint/writer.py's manifests);
-    a `concat_rows` placeholder's from its parts."""
-    return f"{mapped.crc32_of(tensor.detach()):08x}"
 
 
 def conversion_progress(total: int, desc: str, unit: str = "B") -> tqdm:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -141,12 +140,10 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
         )
         crcs: dict[str, Future] = {}
         checksums = BackgroundCrc32()
-        lock = threading.Lock()
 
-        def written_one(key: str, tensor: Tensor) -> None:  # called from the writer threads
-            with lock:
-                crcs[key] = checksums.submit(tensor)
-                progress.update(tensor_nbytes(tensor))
+        def written_one(key: str, tensor: Tensor) -> None:  # called by the (one) writer thread
+            crcs[key] = checksums.submit(tensor)
+            progress.update(tensor_nbytes(tensor))
 
         with progress, contextlib.closing(checksums):
             written = nemo_format.write_nemo_checkpoint(
