@@ -34,10 +34,10 @@ from omegaconf import OmegaConf
 from evo2_hydra.config import (
     CkptConfig,
     DataConfig,
+    Dtype,
     GenerateConfig,
     ModelConfig,
     RunConfig,
-    ScoreDtype,
 )
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
@@ -359,7 +359,7 @@ def run_generate(run: RunConfig) -> Path | None:
     prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
     output = _output_folder(settings, run.output_dir)
     device = pick_device(run.cluster.device)
-    dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
+    dtype = torch.bfloat16 if settings.dtype == Dtype.bfloat16 else torch.float32
     model = load_scoring_model(source.model, run.ckpt, dtype, device)
     allowed = allowed_tokens(source.model.vocab_size, stop_at_eod=source.append_eod)
     generator = torch.Generator().manual_seed(settings.seed)

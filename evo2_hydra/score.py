@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from evo2_hydra.config import (
     CkptConfig,
     Device,
+    Dtype,
     ModelConfig,
     RunConfig,
     ScoreConfig,
-    ScoreDtype,
 )
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
@@ -211,7 +211,7 @@ def run_score(run: RunConfig) -> Path:
             f"score.output={output} already exists and is not empty; choose a new folder"
         )
     records = read_sequences(Path(score.input), score.text_key, run.ckpt.context)
-    dtype = torch.bfloat16 if score.dtype == ScoreDtype.bfloat16 else torch.float32
+    dtype = torch.bfloat16 if score.dtype == Dtype.bfloat16 else torch.float32
     model = load_scoring_model(run.model, run.ckpt, dtype, pick_device(run.cluster.device))
 
     if output.exists():

@@ -133,7 +133,7 @@ def test_zero_stage_trains_saves_and_resumes(make_run, stage, precision):
 def test_base_weights_are_loaded_module_only(make_run, shared):
     """savanna finetune: module from the base, fresh optimizer; step 1 runs at lr 0, so the
     weights saved after it are exactly the base weights (ZeRO-2 master copy refreshed)."""
-    run = make_run("run", "train.zero_stage=2", "train.precision=fp32", "train.steps=1")
+    run = make_run("run", "train.zero_stage=2", "train.precision=float32", "train.steps=1")
     run_finetune(run)
     saved, _ = load_module_state_dict(Path(run.output_dir))
     base, _ = load_module_state_dict(shared["base"])
@@ -165,7 +165,7 @@ def _signal_at(monkeypatch, train_call: int, *, nan: bool = False, sig: bool = F
 def test_exact_resume_after_sigterm_mid_step(make_run, monkeypatch):
     args = (
         "train.zero_stage=1",
-        "train.precision=fp32",
+        "train.precision=float32",
         "train.steps=6",
         "train.grad_accum_steps=2",
     )
@@ -236,7 +236,7 @@ def test_missing_data_or_checkpoint(make_run, tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_local_processes(make_run, stage):
-    args = (f"train.zero_stage={stage}", "cluster.tasks=2", "train.precision=bf16")
+    args = (f"train.zero_stage={stage}", "cluster.tasks=2", "train.precision=bfloat16")
     run = make_run("run", *args, "train.steps=2")
     out = run_finetune(run)  # spawns rank 0 and rank 1
     assert out["world_size"] == 2 and out["last_step"] == 2

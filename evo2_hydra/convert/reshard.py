@@ -2,7 +2,7 @@
 
 Every source shard stays memory-mapped (or, for ZeRO-3, gathered lazily); for each key the full
 tensor is formed once (`cat` of the source shards along the key's partition dim, spec savanna.md
-§2.5), transformed, and its `savanna.mp` chunks are streamed into the open output files at once.
+§2.5), transformed, and its `target.mp` chunks are streamed into the open output files at once.
 So peak memory is about one full tensor, whatever the model size. `cat` and `chunk` move bytes
 without arithmetic, which is why MP N -> M -> N round-trips byte-exactly.
 
@@ -74,7 +74,7 @@ def check_mp_size(cfg: ModelConfig, mp: int) -> None:
             else ""
         )
         raise UserError(
-            f"savanna.mp={mp}: model={cfg.name} has {name}={value}, not divisible by {mp}{others}; "
+            f"target.mp={mp}: model={cfg.name} has {name}={value}, not divisible by {mp}{others}; "
             f"model-parallel sizes that divide heads, hidden size, groups, MLP and vocabulary: "
             f"{valid_mp_sizes(cfg)}"
         )
@@ -196,7 +196,7 @@ def write_savanna_dir(
             dim = partition_dim(key)
             if dim is not None and value.shape[dim] % mp_out:
                 raise UserError(
-                    f"savanna.mp={mp_out}: {key} {tuple(value.shape)} does not split along dim {dim}"
+                    f"target.mp={mp_out}: {key} {tuple(value.shape)} does not split along dim {dim}"
                 )
             pieces = torch.chunk(value, mp_out, dim=dim) if dim is not None else [value] * mp_out
             submit(lambda key=key, pieces=pieces: write_pieces(key, pieces))

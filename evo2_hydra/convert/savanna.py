@@ -5,7 +5,7 @@
 
 The source is checked against the model and preset (source context, MLP width, every key), then
 written tensor by tensor from its memory map by the conversion package (convert/targets.py,
-convert/reshard.py): `savanna.mp=N` merges or splits model-parallel shards, `savanna.dtype` casts,
+convert/reshard.py): `target.mp=N` merges or splits model-parallel shards, `target.dtype` casts,
 ZeRO-3 folders are gathered and vortex files imported.
 """
 
@@ -17,7 +17,7 @@ from evo2_hydra.config import ConvertConfig
 
 
 def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
-    # Streaming writer of the conversion package: also MP split (savanna.mp), dtype cast,
+    # Streaming writer of the conversion package: also MP split (target.mp), dtype cast,
     # ZeRO-3 and vortex sources, verify and the output manifest.
     from evo2_hydra.convert.targets import convert_savanna_streaming
 

@@ -150,11 +150,9 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
         saved = saved_model(run_config, str(location.step_dir / "configs" / "config.yaml"))
     if saved is not None:
         model = saved
-        # The saved model already carries its preset's patches (MLP width, RoPE scaling); the
+        # The saved model already carries its preset's values (MLP width, RoPE scaling); the
         # command line's preset no longer applies, only ckpt.context (the resize target) does.
-        ckpt = dataclasses.replace(
-            ckpt, model=None, source_context=None, mlp_inner_size=None, rope_scaling_factor=None
-        )
+        ckpt = dataclasses.replace(ckpt, model=None, source_context=None)
         check_model_ckpt(model, ckpt)
         log.info("model: %s, from the checkpoint's saved run config", model.name)
     iteration = first.get("iteration", location.iteration)

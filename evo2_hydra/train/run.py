@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 import yaml
 from omegaconf import OmegaConf
 
-from evo2_hydra.config import ClusterKind, Precision, RunConfig
+from evo2_hydra.config import ClusterKind, Dtype, RunConfig
 from evo2_hydra.distributed import DistInfo, launched_externally, setup_distributed
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import write_text_atomic
@@ -296,7 +296,7 @@ def finetune_this_rank(run: RunConfig) -> dict:
             save_every=train.save_every,
             log_every=train.log_every,
             eval_at_start=not resume,
-            manual_grad_norm=train.zero_stage == 0 and train.precision == Precision.fp32,
+            manual_grad_norm=train.zero_stage == 0 and train.precision == Dtype.float32,
         )
         try:
             result = train_loop(
