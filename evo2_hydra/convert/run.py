@@ -13,10 +13,10 @@ import logging
 import time
 from pathlib import Path
 
+from evo2_hydra.checkpoint import bulk_io
 from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
-from evo2_hydra.convert import bulk_io
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger("evo2_hydra.convert")
@@ -90,7 +90,7 @@ def run_convert(conv: ConvertConfig) -> Path:
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UserError(f"output={output} is inside source={source}; the source is never modified")
     # Sources loaded in this block are registered with their file offsets, so tensors that a
-    # target writes unchanged are copied file to file (convert/bulk_io.py).
+    # target writes unchanged are copied file to file (checkpoint/bulk_io.py).
     with tracking_mapped_files():
         started, before = time.perf_counter(), bulk_io.totals()
         result = convert(conv, source, output)

@@ -118,7 +118,10 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
     if path.is_file():
         obj = safe_load(path, trust_pickle=conv.ckpt.trust_pickle)
         if isinstance(obj, dict) and is_vortex_state(obj):
-            from evo2_hydra.convert.vortex import vortex_operator_pattern, vortex_to_savanna
+            from evo2_hydra.checkpoint.adapters.vortex import (
+                vortex_operator_pattern,
+                vortex_to_savanna,
+            )
 
             pattern = vortex_operator_pattern(obj)
             if pattern != model.operator_pattern:
@@ -133,7 +136,7 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
         del obj
     location = locate_checkpoint(path)
     if location.is_zero3:  # gathered lazily, tensor by tensor, while the target writes
-        from evo2_hydra.convert.zero3 import zero3_modules
+        from evo2_hydra.checkpoint.zero3 import zero3_modules
 
         shards: list[Mapping[str, Any]] = list(
             zero3_modules(location, trust_pickle=conv.ckpt.trust_pickle)
