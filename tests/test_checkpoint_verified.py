@@ -385,15 +385,15 @@ def test_saved_run_reader(run_copy):
 
 
 def _entry(kind: str):
-    w = torch.randn(4, 4)
+    """Damage `module[key]` in place, keeping its shape (so only the new checks can catch it)."""
     return {
-        "int32": lambda m, k: m.__setitem__(k, (w * 10).to(torch.int32)),
-        "bool": lambda m, k: m.__setitem__(k, w > 0),
-        "complex": lambda m, k: m.__setitem__(k, torch.complex(w, w)),
+        "int32": lambda m, k: m.__setitem__(k, (m[k] * 10).to(torch.int32)),
+        "bool": lambda m, k: m.__setitem__(k, m[k] > 0),
+        "complex": lambda m, k: m.__setitem__(k, torch.complex(m[k], m[k])),
         "nan": lambda m, k: m[k].view(-1).__setitem__(0, float("nan")),
         "inf": lambda m, k: m[k].view(-1).__setitem__(3, float("inf")),
-        "list": lambda m, k: m.__setitem__(k, [1.0, 2.0]),
-        "sparse": lambda m, k: m.__setitem__(k, m[k].float().to_sparse()),
+        "list": lambda m, k: m.__setitem__(k, m[k].tolist()),
+        "sparse": lambda m, k: m.__setitem__(k, m[k].to_sparse()),
         "meta": lambda m, k: m.__setitem__(k, torch.empty(m[k].shape, device="meta")),
         "int_key": lambda m, k: m.__setitem__(7, m[k]),
     }[kind]
