@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from evo2_hydra.checkpoint import bulk_io
-from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
+from evo2_hydra.checkpoint.layout import newest_run
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
 from evo2_hydra.errors import UserError
@@ -26,23 +26,6 @@ TARGETS: dict[TargetKind, str] = {
     TargetKind.vortex: "evo2_hydra.convert.targets:convert_vortex",
     TargetKind.nemo: "evo2_hydra.convert.targets:convert_nemo",
 }
-
-
-def newest_run(output_root: Path) -> Path:
-    """The run folder under `output_root` whose `checkpoints/latest` was written last."""
-    candidates = [
-        p.parent.parent
-        for p in output_root.rglob(f"{RUN_CHECKPOINT_SUBDIR}/{LATEST}")
-        if p.is_file() and p.parent.name == RUN_CHECKPOINT_SUBDIR
-    ]
-    if not candidates:
-        raise UserError(
-            f"source is not set and no run with checkpoints was found under paths.output_root={output_root}; "
-            "give source=PATH"
-        )
-    return max(
-        candidates, key=lambda run: (run / RUN_CHECKPOINT_SUBDIR / LATEST).stat().st_mtime_ns
-    )
 
 
 def resolve_source(conv: ConvertConfig) -> Path:
