@@ -56,6 +56,23 @@ class OnError(str, Enum):
     skip = "skip"
 
 
+class Alphabet(str, Enum):  # a sequence holding characters outside data.charset (docs/data.md)
+    error = "error"  # one line naming file, line/record and character; exit 2
+    skip = "skip"  # leave the record out, counted in the summary
+    keep = "keep"  # keep its bytes as tokens, counted (bytes 0/1 = EOD/PAD are still refused)
+
+
+class Charset(str, Enum):
+    printable = "printable"  # ASCII 32..126: bases, N, IUPAC codes, phylogenetic tags
+    iupac = "iupac"  # A C G T U N + IUPAC ambiguity codes, either case
+
+
+class ReverseComplement(str, Enum):
+    none = "none"
+    both = "both"  # each window and its reverse complement (twice the documents)
+    random = "random"  # each window or its reverse complement, a seeded choice per window
+
+
 class Precision(str, Enum):
     bf16 = "bf16"
     fp32 = "fp32"
@@ -228,18 +245,47 @@ class CkptConfig:
 
 @dataclass
 class ConditionConfig:
-    """Prepend a conditioning token chosen by a JSONL field (e.g. clade A -> '1')."""
+    """Prepend a conditioning token chosen per record (e.g. clade A -> '1').
+
+    The class name comes from a JSONL field (`field`), or for FASTA from the header
+    (`header_regex`, one group) or a two-column TSV `id<TAB>class` (`tsv`).
+    """
 
     # (`tokens` comes first: the attribute `field` would shadow dataclasses.field below it)
     tokens: dict[str, str] = field(default_factory=dict)  # class name -> single-byte token
     field: str | None = (
         None  # JSONL field holding the class name; None = sequences used as they are
     )
+    header_regex: str | None = None  # FASTA: regex on the header line (after '>'), one group
+    tsv: str | None = None  # FASTA: TSV file, record id <TAB> class name (no header row)
+
+    @property
+    def enabled(self) -> bool:
+        return self.field is not None or self.header_regex is not None or self.tsv is not None
+
+    def __post_init__(self) -> None:
+        if self.header_regex is not None:
+            import re
+
+            try:
+                groups = re.compile(self.header_regex).groups
+            except re.error as err:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r}: not a regex ({err})"
+                ) from None
+            if groups != 1:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r} has {groups} groups; "
+                    "expected exactly one (the class name)"
+                )
+            if self.tsv is not None:
+                raise ConfigError("data.condition: give header_regex or tsv, not both")
 
 
 @dataclass
 class DataConfig:
-    # Training input: JSONL (.jsonl / .jsonl.gz) path(s), or BIN/IDX prefix(es). One path or a list.
+    # Training input: JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz], bgzip too) path(s), or
+    # BIN/IDX prefix(es). One path or a list.
     input: Any = None
     valid_input: Any = None  # validation input(s); None = carve it out of `input` with `split`
     test_input: Any = None
@@ -251,7 +297,19 @@ class DataConfig:
     text_key: str = "text"
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     truncate: bool = False  # padded mode: cut documents longer than the context instead of failing
-    on_error: OnError = OnError.fail  # bad JSONL lines: fail, or skip and count them
+    on_error: OnError = OnError.fail  # bad JSONL lines / FASTA records: fail, or skip and count them
+    # Characters outside data.charset: error | skip the record | keep (docs/data.md, text policy).
+    alphabet: Alphabet = Alphabet.error
+    charset: Charset = Charset.printable
+    # Cut records longer than `window` characters into windows starting every `stride` characters
+    # (overlap = window - stride). null = records as they are; 0 = fit ckpt.context (minus the
+    # conditioning token and EOD). A last window shorter than `window` is kept unless
+    # keep_partial_window=false.
+    window: int | None = None
+    stride: int | None = None  # null = window (no overlap)
+    keep_partial_window: bool = True
+    reverse_complement: ReverseComplement = ReverseComplement.none  # augmentation at preprocessing
+    reverse_complement_seed: int = 1234  # reverse_complement=random: which windows are flipped
     to_upper: ToUpper = ToUpper.normalized_weighted
     lowercase_weight: float = 0.1  # loss weight of lowercase labels (to_upper weighted modes)
     mask_control_tags: bool = True  # drop phylogenetic tag spans from the loss (savanna §5.3)
@@ -270,6 +328,16 @@ class DataConfig:
                 raise ConfigError(
                     f"data.condition.tokens.{name}={token!r}: a conditioning token must be one byte"
                 )
+            if str(token) in ("\x00", "\x01"):
+                raise ConfigError(
+                    f"data.condition.tokens.{name}: bytes 0 and 1 are the EOD and PAD tokens"
+                )
+        if self.window is not None and self.window < 0:
+            raise ConfigError(f"data.window={self.window}: expected a length, 0 (fit the context) or null")
+        if self.stride is not None and (self.stride <= 0 or self.window is None):
+            raise ConfigError(
+                f"data.stride={self.stride}: expected a positive step, together with data.window"
+            )
 
     @staticmethod
     def as_list(value: Any) -> list[str]:
@@ -384,9 +452,9 @@ class PlanConfig:
 
 @dataclass
 class ScoreConfig:
-    input: str | None = None  # JSONL with sequences to score
+    input: str | None = None  # JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz]) of sequences
     output: str | None = None  # output folder (must not exist yet); None = <run folder>/score
-    text_key: str = "text"  # JSONL field holding the sequence
+    text_key: str = "text"  # JSONL field holding the sequence (FASTA: the record's sequence)
     logits: bool = False  # also write [L, 512] float32 logits per sequence (.npy)
     dtype: ScoreDtype = ScoreDtype.float32
     batch_size: int = 1  # sequences per forward pass (right-padded; causal, so padding is inert)
