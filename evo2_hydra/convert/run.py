@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from evo2_hydra.checkpoint.hub import local_checkpoint_path
 from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
@@ -47,7 +48,7 @@ def newest_run(output_root: Path) -> Path:
 
 def resolve_source(conv: ConvertConfig) -> Path:
     if conv.source is not None:
-        return Path(conv.source).expanduser()
+        return local_checkpoint_path(conv.source)  # a Hub id -> its cached file (hub.py)
     run = newest_run(Path(conv.paths.output_root))
     log.info("source not given: using the newest run %s", run)
     return run
