@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from evo2_hydra.checkpoint import bulk_io
+from evo2_hydra.checkpoint.hub import local_checkpoint_path
 from evo2_hydra.checkpoint.layout import newest_run
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
@@ -30,7 +31,7 @@ TARGETS: dict[TargetKind, str] = {
 
 def resolve_source(conv: ConvertConfig) -> Path:
     if conv.source is not None:
-        return Path(conv.source).expanduser()
+        return local_checkpoint_path(conv.source)  # a Hub id -> its cached file (hub.py)
     run = newest_run(Path(conv.paths.output_root))
     log.info("source not given: using the newest run %s", run)
     return run
