@@ -364,7 +364,13 @@ def test_checkpoint_save_on_a_full_disk_is_one_line(base, tmp_path):
     from evo2_hydra.train.run import run_finetune
 
     with tmpfs(tmp_path / "disk", 512) as disk:
-        run = train_run(base, disk / "run", "train.steps=2", "train.save_every=1")
+        run = train_run(
+            base,
+            disk / "run",
+            "train.steps=2",
+            "train.save_every=1",
+            f"paths.cache_dir={tmp_path / 'cache'}",  # the prepared base weights: elsewhere
+        )
         with pytest.raises(UserError) as err:
             run_finetune(run)
         message = str(err.value)
@@ -376,18 +382,27 @@ def test_checkpoint_save_on_a_full_disk_is_one_line(base, tmp_path):
         assert not list((ckpts / ".staging").glob("*"))  # the partial save was removed
 
 
-def test_metrics_and_plot_failures_never_stop_a_run(base, tmp_path, caplog):
-    """metrics.jsonl and loss.png cannot be written (each is a folder here): warnings only."""
+@pytest.mark.parametrize("broken", ["metrics", "tensorboard_and_plot"])
+def test_metrics_and_plot_failures_never_stop_a_run(base, tmp_path, caplog, broken):
+    """Reporting outputs that cannot be written (a folder or file in the way): warnings only."""
     from evo2_hydra.train.run import run_finetune
 
-    run = train_run(base, tmp_path / "run", "train.steps=2")
-    for name in ("metrics.jsonl", "loss.png"):
-        (tmp_path / "run" / name).mkdir(parents=True)
+    run_dir = tmp_path / "run"
+    run = train_run(base, run_dir, "train.steps=2")
+    run_dir.mkdir()
+    if broken == "metrics":
+        (run_dir / "metrics.jsonl").mkdir()
+        expected = ["metrics.jsonl: cannot write metrics"]
+    else:
+        (run_dir / "tensorboard").write_text("in the way")
+        (run_dir / "loss.png").mkdir()
+        expected = ["tensorboard: cannot write TensorBoard events", "loss.png: no loss plot"]
     out = run_finetune(run)
     assert out["last_step"] == 2 and out["last_saved_step"] == 2 and out["plot"] is None
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step2"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("metrics.jsonl: cannot write metrics" in w for w in warnings), warnings
-    assert any("loss.png: no loss plot" in w for w in warnings), warnings
+    for text in expected:
+        assert any(text in w for w in warnings), (text, warnings)
 
 
 def test_run_folder_named_after_what_defines_the_run(compose_cfg):
@@ -427,7 +442,8 @@ def test_conflicting_folder_is_judged_after_the_input_checks(base, tmp_path):
 def test_resume_run_dir_continues_exactly(base, tmp_path, compose_cfg, capsys):
     from evo2_hydra.train.run import resumed_config, run_finetune
 
-    args = ("train.save_every=100", "train.eval_every=100")
+    # the LR schedule spans 4 steps in all three runs (by default it spans train.steps)
+    args = ("train.save_every=100", "train.eval_every=100", "train.lr_decay_steps=4")
     reference = run_finetune(train_run(base, tmp_path / "ref", *args, "train.steps=4"))
     first = run_finetune(train_run(base, tmp_path / "run", *args, "train.steps=2"))
     summary = capsys.readouterr().out

@@ -396,9 +396,8 @@ def summary_text(run: RunConfig, summary: dict) -> str:
     valid = summary["valid_losses"]
     if valid:
         first, last = min(valid), max(valid)
-        lines.append(
-            f"  valid loss   {valid[first]:.4f} (step {first}) -> {valid[last]:.4f} (step {last})"
-        )
+        change = f" -> {valid[last]:.4f} (step {last})" if last != first else ""
+        lines.append(f"  valid loss   {valid[first]:.4f} (step {first}){change}")
     ckpt = run_dir / "checkpoints" / f"global_step{saved}" if saved is not None else None
     lines.append(f"  checkpoint   {ckpt if ckpt else 'none saved'}")
     lines.append(
