@@ -41,6 +41,7 @@ from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2
 from evo2_hydra.model.decode import decode_step, prefill, repeat_batch
+from evo2_hydra.outputs import check_new_output, default_output
 from evo2_hydra.score import load_scoring_model, pick_device
 
 log = logging.getLogger(__name__)
@@ -245,20 +246,11 @@ def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> li
 # ------------------------------------------------------------------------------ the task
 
 
-def _output_folder(settings: GenerateConfig, run_dir: str) -> Path:
+def _output_folder(settings: GenerateConfig, run: RunConfig) -> Path:
     if settings.output:
-        output = Path(settings.output)
-        if output.exists() and any(output.iterdir()):
-            raise UserError(
-                f"generate.output={output} already exists and is not empty; choose a new folder"
-            )
-        return output
-    base = Path(run_dir) / "generations" / time.strftime("%Y%m%d-%H%M%S")
-    output, k = base, 0
-    while output.exists():
-        k += 1
-        output = base.with_name(f"{base.name}-{k}")
-    return output
+        return check_new_output(Path(settings.output), "generate.output")
+    # the checkpoint's own run folder (or one named after it), a fresh folder per call
+    return default_output(run.ckpt.path, run.paths.output_root, "generations")
 
 
 def _fasta(rows: list[dict]) -> str:
@@ -309,7 +301,7 @@ def run_generate(run: RunConfig) -> Path | None:
         return None
     source = describe_source(run.ckpt, run.model, run.data)
     prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
-    output = _output_folder(settings, run.output_dir)
+    output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
     dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
     model = load_scoring_model(source.model, run.ckpt, dtype, device)

@@ -5,7 +5,8 @@
 
 Input: JSONL, one object per line with the sequence under `score.text_key` (optional `id`).
 Tokens are the UTF-8 bytes of the sequence as given (Evo 2's CharLevelTokenizer, no BOS).
-Output folder (written atomically): `scores.jsonl`, one row per input line in order with
+Output folder (written atomically; default: a fresh `scores/<time>/` in the checkpoint's run folder,
+see evo2_hydra/outputs.py): `scores.jsonl`, one row per input line in order with
 `sum_log_likelihood` = sum over positions 1..L-1 of log p(token_i | tokens_<i) in nats and
 `mean_log_likelihood` = that sum / (L-1); with `score.logits=true`, `logits/{index:06d}.npy`, the
 full `[L, 512]` float32 logits of each sequence; with `score.log_probs=true`,
@@ -16,8 +17,10 @@ full `[L, 512]` float32 logits of each sequence; with `score.log_probs=true`,
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from evo2_hydra.config import (
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2, build_model, load_into_model
+from evo2_hydra.outputs import check_new_output, default_output
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,15 @@ def read_sequences(path: Path, text_key: str, max_len: int) -> list[Record]:
     if not path.is_file():
         raise UserError(f"score.input={path}: no such file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with _open_input(path) as f:
+        for lineno, raw in enumerate(_lines(f, path), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                    f"{err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -79,6 +90,18 @@ def read_sequences(path: Path, text_key: str, max_len: int) -> list[Record]:
     if not records:
         raise UserError(f"{path}: no sequences")
     return records
+
+
+def _open_input(path: Path):
+    """The input as binary lines; `.gz` is decompressed (errors name the file at the CLI)."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def _lines(f, path: Path):
+    try:
+        yield from f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # corrupt or truncated .gz
+        raise UserError(f"{path}: cannot read the compressed input ({err})") from None
 
 
 def tokenize(text: str) -> list[int]:
@@ -217,11 +240,10 @@ def run_score(run: RunConfig) -> Path:
     score: ScoreConfig = run.score
     if not score.input:
         raise UserError("task=score needs score.input (a JSONL file of sequences)")
-    output = Path(score.output) if score.output else Path(run.output_dir) / "score"
-    if output.exists() and any(output.iterdir()):
-        raise UserError(
-            f"score.output={output} already exists and is not empty; choose a new folder"
-        )
+    if score.output:
+        output = check_new_output(Path(score.output), "score.output")
+    else:  # the checkpoint's own run folder (or one named after it), a fresh folder per call
+        output = default_output(run.ckpt.path, run.paths.output_root, "scores")
     records = read_sequences(Path(score.input), score.text_key, run.ckpt.context)
     dtype = torch.bfloat16 if score.dtype == ScoreDtype.bfloat16 else torch.float32
     model = load_scoring_model(run.model, run.ckpt, dtype, pick_device(run.cluster.device))
