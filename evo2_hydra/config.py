@@ -297,7 +297,9 @@ class DataConfig:
     text_key: str = "text"
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     truncate: bool = False  # padded mode: cut documents longer than the context instead of failing
-    on_error: OnError = OnError.fail  # bad JSONL lines / FASTA records: fail, or skip and count them
+    on_error: OnError = (
+        OnError.fail
+    )  # bad JSONL lines / FASTA records: fail, or skip and count them
     # Characters outside data.charset: error | skip the record | keep (docs/data.md, text policy).
     alphabet: Alphabet = Alphabet.error
     charset: Charset = Charset.printable
@@ -333,7 +335,9 @@ class DataConfig:
                     f"data.condition.tokens.{name}: bytes 0 and 1 are the EOD and PAD tokens"
                 )
         if self.window is not None and self.window < 0:
-            raise ConfigError(f"data.window={self.window}: expected a length, 0 (fit the context) or null")
+            raise ConfigError(
+                f"data.window={self.window}: expected a length, 0 (fit the context) or null"
+            )
         if self.stride is not None and (self.stride <= 0 or self.window is None):
             raise ConfigError(
                 f"data.stride={self.stride}: expected a positive step, together with data.window"

@@ -270,4 +270,6 @@ def test_cli_preprocess_writes_bin_idx_png_and_conditions(tmp_path, run_entry):
     assert Path(f"{stem}.bin").read_bytes() == reference_files(["1ACGT", "1ACGT"], True, 64)[0]
     assert Path(f"{stem}_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(Path(f"{stem}_conditions.json").read_text())["tokens"] == {"A": "1", "B": "2"}
-    assert "2 sequences" in ok.stderr + ok.stdout and "skipped 1 bad records" in ok.stderr + ok.stdout
+    assert (
+        "2 sequences" in ok.stderr + ok.stdout and "skipped 1 bad records" in ok.stderr + ok.stdout
+    )

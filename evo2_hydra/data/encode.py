@@ -80,7 +80,9 @@ class EncodeSettings:
     condition_tokens: dict[str, str] = field(default_factory=dict)
     condition_header_regex: str | None = None  # FASTA: the class name from the header
     condition_by_id: dict[str, str] | None = None  # FASTA: record id -> class name (the TSV)
-    stop_at_first_problem: bool = True  # data.on_error=fail: nothing after the first problem matters
+    stop_at_first_problem: bool = (
+        True  # data.on_error=fail: nothing after the first problem matters
+    )
     policy: TextPolicy = field(default_factory=TextPolicy)
     window: int | None = None  # tokens per window (resolved: never 0 here)
     stride: int | None = None
@@ -168,12 +170,12 @@ class DocumentEncoder:
         spans = window_spans(
             len(body), settings.window, settings.stride, settings.keep_partial_window
         )
-        if len(spans) > 1:
+        if spans != [(0, len(body))]:
             self.windowed += 1
         max_length = settings.max_length
         documents = []
         for start, end in spans:
-            piece = body[start:end] if len(spans) > 1 else body
+            piece = body if end - start == len(body) else body[start:end]
             if settings.reverse_complement == "both":
                 documents += [piece, reverse_complement(piece)]
             elif settings.reverse_complement == "random" and flip_window(
@@ -241,7 +243,9 @@ def encode_plain(
     if tokens is not None:
         if not all(type(t) is str and len(t) == 1 and t.isascii() for t in tokens):
             return None
-        joined = "".join([piece for triple in zip(tokens, texts, [eod] * len(texts)) for piece in triple])
+        joined = "".join(
+            [piece for triple in zip(tokens, texts, [eod] * len(texts)) for piece in triple]
+        )
         lengths += 1
     else:
         joined = eod.join(texts) + eod

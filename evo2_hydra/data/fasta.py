@@ -161,7 +161,10 @@ def _condition_token(record: FastaRecord, settings, pattern) -> tuple[bytes, str
     mapped = settings.condition_tokens.get(name)
     if mapped is None:
         known = ", ".join(sorted(settings.condition_tokens)) or "none"
-        return b"", f"class {name!r} (from {source}) is not in data.condition.tokens (known: {known})"
+        return (
+            b"",
+            f"class {name!r} (from {source}) is not in data.condition.tokens (known: {known})",
+        )
     return mapped.encode("utf-8"), None
 
 

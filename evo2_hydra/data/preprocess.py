@@ -131,7 +131,9 @@ def check_inputs(inputs: list[str], settings: EncodeSettings, key: str = "data.i
         raise UserError(f"{key}: no input files given")
     if settings.window is not None and settings.window <= 0:
         raise UserError("data.window=0 leaves no room in ckpt.context for the sequence")
-    conditioned = settings.condition_header_regex is not None or settings.condition_by_id is not None
+    conditioned = (
+        settings.condition_header_regex is not None or settings.condition_by_id is not None
+    )
     for path in inputs:
         if not Path(path).is_file():
             raise UserError(f"{key}: {path} does not exist")
@@ -139,7 +141,8 @@ def check_inputs(inputs: list[str], settings: EncodeSettings, key: str = "data.i
             if settings.condition_field is not None and not conditioned:
                 raise UserError(
                     f"{key}: {path} is FASTA; data.condition.field names a JSONL field: give "
-                    "data.condition.header_regex or data.condition.tsv for FASTA"
+                    "data.condition.header_regex or data.condition.tsv for FASTA, or "
+                    "data.condition.field=null (data=jsonl) for no conditioning"
                 )
         elif is_jsonl(path):
             if conditioned and settings.condition_field is None:
@@ -400,10 +403,14 @@ def preprocess_files(
                         summary.skipped_examples.append(f"{where}: {problem}")
                 if encoded.fatal is not None:
                     item = None
-                    raise UserError(f"{_where(path, first_line, encoded.fatal[0])}: {encoded.fatal[1]}")
+                    raise UserError(
+                        f"{_where(path, first_line, encoded.fatal[0])}: {encoded.fatal[1]}"
+                    )
                 for location, problem in encoded.alphabet_examples:
                     if len(summary.alphabet_examples) < MAX_REPORTED_SKIPS:
-                        summary.alphabet_examples.append(f"{_where(path, first_line, location)}: {problem}")
+                        summary.alphabet_examples.append(
+                            f"{_where(path, first_line, location)}: {problem}"
+                        )
                 summary.alphabet_skipped += encoded.alphabet_skipped
                 summary.alphabet_kept += encoded.alphabet_kept
                 summary.records += encoded.records
