@@ -35,6 +35,8 @@ class Task(str, Enum):
     plan = "plan"
     score = "score"
     generate = "generate"
+    embed = "embed"
+    vep = "vep"
 
 
 class Packing(str, Enum):
@@ -115,6 +117,17 @@ class OutputFormat(str, Enum):
 class ScoreDtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
+
+
+class EmbedPool(str, Enum):
+    mean = "mean"  # average over every position of the sequence
+    last = "last"  # the last position (it has seen the whole sequence)
+    none = "none"  # every position: one [L, D] array per sequence
+
+
+class SaveDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
 
 
 class TargetKind(str, Enum):
@@ -297,9 +310,8 @@ class DataConfig:
     text_key: str = "text"
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     truncate: bool = False  # padded mode: cut documents longer than the context instead of failing
-    on_error: OnError = (
-        OnError.fail
-    )  # bad JSONL lines / FASTA records: fail, or skip and count them
+    # bad JSONL lines / FASTA records: fail, or skip and count them
+    on_error: OnError = OnError.fail
     # Characters outside data.charset: error | skip the record | keep (docs/data.md, text policy).
     alphabet: Alphabet = Alphabet.error
     charset: Charset = Charset.printable
@@ -454,6 +466,14 @@ class PlanConfig:
     force: bool = False  # submit even when the memory plan says the run does not fit
 
 
+def check_chunk_tokens(section: str, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(
+            f"{section}.chunk_tokens={value}: expected a positive number of tokens, 0 (never "
+            "chunk) or null (automatic)"
+        )
+
+
 @dataclass
 class ScoreConfig:
     input: str | None = None  # JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz]) of sequences
@@ -464,10 +484,14 @@ class ScoreConfig:
     batch_size: int = 1  # sequences per forward pass (right-padded; causal, so padding is inert)
     reverse_complement: bool = False  # average with the reverse complement's score
     log_probs: bool = False  # also write per-position log-probabilities [L-1] float32 (.npy)
+    # tokens per forward chunk (exact: states carried between chunks, memory bounded by the KV
+    # cache); None = automatic (chunk only when the whole forward would not fit), 0 = never
+    chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ConfigError(f"score.batch_size={self.batch_size}: must be positive")
+        check_chunk_tokens("score", self.chunk_tokens)
 
 
 @dataclass
@@ -487,8 +511,11 @@ class GenerateConfig:
     # 2 threads made evo2_tiny ~17x slower), else torch's default
     cpu_threads: int = 0
     output: str | None = None  # output folder; None = <run folder>/generations/<time>
+    # prompt prefill in chunks of this many tokens (None = automatic, 0 = one pass)
+    chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        check_chunk_tokens("generate", self.chunk_tokens)
         for key in ("n", "length", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"generate.{key}={getattr(self, key)}: must be positive")
@@ -500,6 +527,49 @@ class GenerateConfig:
             raise ConfigError(f"generate.top_k={self.top_k}: must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"generate.top_p={self.top_p}: expected a value in (0, 1]")
+
+
+@dataclass
+class EmbedConfig:
+    input: str | None = None  # JSONL with sequences (as score.input)
+    output: str | None = None  # output folder; None = <run folder>/embed/<time> for our runs
+    text_key: str = "text"  # JSONL field holding the sequence
+    # vortex / evo2-package module names: embedding_layer, blocks.N (block output, after the MLP
+    # residual add), blocks.N.mlp.l3 (= blocks.N.mlp: MLP output before the add), norm (final norm)
+    layers: list[str] = field(default_factory=list)
+    pool: EmbedPool = EmbedPool.mean
+    dtype: ScoreDtype = ScoreDtype.float32  # compute dtype of the model
+    save_dtype: SaveDtype = SaveDtype.float32  # dtype of the written arrays
+    # also embed the reverse complement: pooled -> [forward | reverse] concatenated to 2D columns;
+    # none -> a separate array per sequence in the reverse complement's own order
+    reverse_complement: bool = False
+    batch_size: int = 8  # sequences per forward pass, grouped by length
+    chunk_tokens: int | None = None  # as score.chunk_tokens
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"embed.batch_size={self.batch_size}: must be positive")
+        check_chunk_tokens("embed", self.chunk_tokens)
+
+
+@dataclass
+class VepConfig:
+    reference: str | None = None  # FASTA or bgzip FASTA.gz (indexed with pysam: .fai/.gzi)
+    variants: str | None = None  # VCF / VCF.gz, or TSV/CSV with columns chrom,pos,ref,alt (1-based)
+    window: int = 8192  # tokens around each variant (BRCA1 notebook: seq[p - w//2 : p + w//2])
+    output: str | None = None  # output folder; None = <run folder>/vep/<time> for our runs
+    on_mismatch: OnError = OnError.fail  # a REF that differs from the reference: fail, or skip
+    reverse_complement: bool = False  # also score both windows' reverse complements
+    dtype: ScoreDtype = ScoreDtype.float32
+    chunk_tokens: int | None = None  # as score.chunk_tokens
+    # continue the alternative window from the reference's state at the variant (exact, less work);
+    # false: score both windows from scratch (the reference the shared path is tested against)
+    share_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.window < 2:
+            raise ConfigError(f"vep.window={self.window}: must be at least 2 tokens")
+        check_chunk_tokens("vep", self.chunk_tokens)
 
 
 @dataclass
@@ -547,6 +617,8 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    vep: VepConfig = field(default_factory=VepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:
