@@ -37,6 +37,7 @@ from evo2_hydra.config import (
     RunConfig,
     ScoreDtype,
 )
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint, upper_ids
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2
@@ -175,7 +176,7 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
     if saved is None:
         conditions = (
             {str(k): str(v) for k, v in data.condition.tokens.items()}
-            if data.condition.field is not None
+            if data.condition.enabled
             else {}
         )
         return GenerationSource(
@@ -214,9 +215,17 @@ def check_prompt(prompt: str) -> list[int]:
     return list(prompt.encode("ascii"))
 
 
-def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> list[int]:
-    """Token ids the model is fed: the condition's token (if any), then the prompt."""
+def conditioned_prompt(
+    settings: GenerateConfig, source: GenerationSource, policy: TextPolicy | None = None
+) -> list[int]:
+    """Token ids the model is fed: the condition's token (if any), then the prompt, as the run's
+    text policy makes model input (upper-cased when it trained upper-cased)."""
     ids = check_prompt(settings.prompt)
+    if policy is not None:
+        prompt = policy.normalize(settings.prompt, "generate.prompt", model=True)
+        if prompt is None:  # data.alphabet=skip: a single prompt cannot be left out
+            raise UserError(f"generate.prompt: {policy.problem(settings.prompt)}")
+        ids = list(prompt.encode("ascii"))
     if settings.condition is not None:
         if not source.conditions:
             raise UserError(
@@ -229,7 +238,9 @@ def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> li
                 f"generate.condition={settings.condition} is not in the run's conditioning "
                 f"mapping (known: {known}; read from {source.facts_from})"
             )
-        ids = list(source.conditions[settings.condition].encode("utf-8")) + ids
+        token = list(source.conditions[settings.condition].encode("utf-8"))
+        # training upper-cases every input token, the conditioning token included
+        ids = (upper_ids(token) if policy is not None and policy.upper else token) + ids
     if not ids:
         raise UserError(
             "generate.prompt is empty and no generate.condition is given: nothing to start from"
@@ -300,7 +311,8 @@ def run_generate(run: RunConfig) -> Path | None:
         log.info("rank %d: generation runs on rank 0 only; nothing to do here", rank)
         return None
     source = describe_source(run.ckpt, run.model, run.data)
-    prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
+    policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)
+    prompt_ids = conditioned_prompt(settings, source, policy)  # every input check before loading
     output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
     dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32

@@ -3,8 +3,11 @@
     python launch.py task=score model=evo2_7b ckpt=savanna_evo2_7b_base ckpt.path=CKPT \
         score.input=seqs.jsonl score.output=scores/ [score.logits=true] [score.dtype=bfloat16]
 
-Input: JSONL, one object per line with the sequence under `score.text_key` (optional `id`).
-Tokens are the UTF-8 bytes of the sequence as given (Evo 2's CharLevelTokenizer, no BOS).
+Input: JSONL, one object per line with the sequence under `score.text_key` (optional `id`), or
+FASTA (the record id is the id); plain or gzip (`evo2_hydra.data.records`). Each sequence goes
+through the run's text policy (`evo2_hydra.data.text`: upper-cased when the run trained
+upper-cased, characters outside `data.charset` per `data.alphabet`); its tokens are then the
+bytes (Evo 2's CharLevelTokenizer, no BOS).
 Output folder (written atomically; default: a fresh `scores/<time>/` in the checkpoint's run folder,
 see evo2_hydra/outputs.py): `scores.jsonl`, one row per input line in order with
 `sum_log_likelihood` = sum over positions 1..L-1 of log p(token_i | tokens_<i) in nats and
@@ -17,10 +20,8 @@ full `[L, 512]` float32 logits of each sequence; with `score.log_probs=true`,
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from evo2_hydra.config import (
     ScoreConfig,
     ScoreDtype,
 )
+from evo2_hydra.data.records import SequenceRecord
+from evo2_hydra.data.records import read_sequences as read_records
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2, build_model, load_into_model
@@ -48,60 +52,33 @@ COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 CONTEXT_SUFFIXES = ("mixer.mixer.filter.h", "mixer.mixer.filter.decay", "mixer.mixer.filter.t")
 
 
-@dataclass
-class Record:
-    index: int
-    id: object
-    text: str
-
-
-def read_sequences(path: Path, text_key: str, max_len: int) -> list[Record]:
-    """Parse and validate every line before any work; errors name the file and line."""
-    if not path.is_file():
-        raise UserError(f"score.input={path}: no such file")
-    records = []
-    with _open_input(path) as f:
-        for lineno, raw in enumerate(_lines(f, path), start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                    f"{err.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            text = obj.get(text_key) if isinstance(obj, dict) else None
-            if not isinstance(text, str) or len(text) < 2:
-                raise UserError(
-                    f"{path}:{lineno}: expected an object with a string '{text_key}' of at least "
-                    "2 characters (set score.text_key for another field)"
-                )
-            if len(text.encode("utf-8")) > max_len:
-                raise UserError(
-                    f"{path}:{lineno}: sequence of {len(text.encode('utf-8'))} tokens exceeds "
-                    f"ckpt.context={max_len}"
-                )
-            records.append(Record(len(records), obj.get("id"), text))
+def read_sequences(
+    path: Path, text_key: str, max_len: int, policy: TextPolicy | None = None
+) -> list[SequenceRecord]:
+    """Parse, normalise and validate every record before any work; errors name file and line."""
+    records, skipped = read_records(
+        path,
+        key="score.input",
+        policy=policy or TextPolicy(),
+        text_key=text_key,
+        min_length=2,
+    )
+    if skipped:
+        log.warning(
+            "skipped %d sequences with characters outside data.charset (data.alphabet=skip), "
+            "e.g. %s",
+            len(skipped),
+            skipped[0],
+        )
+    for record in records:
+        if len(record.text.encode("utf-8")) > max_len:
+            raise UserError(
+                f"{record.where}: sequence of {len(record.text.encode('utf-8'))} tokens exceeds "
+                f"ckpt.context={max_len}"
+            )
     if not records:
-        raise UserError(f"{path}: no sequences")
+        raise UserError(f"{path}: no sequences left to score")
     return records
-
-
-def _open_input(path: Path):
-    """The input as binary lines; `.gz` is decompressed (errors name the file at the CLI)."""
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
-
-
-def _lines(f, path: Path):
-    try:
-        yield from f
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # corrupt or truncated .gz
-        raise UserError(f"{path}: cannot read the compressed input ({err})") from None
 
 
 def tokenize(text: str) -> list[int]:
@@ -239,12 +216,14 @@ def run_score(run: RunConfig) -> Path:
     """Score every sequence of `score.input`; returns the output folder."""
     score: ScoreConfig = run.score
     if not score.input:
-        raise UserError("task=score needs score.input (a JSONL file of sequences)")
+        raise UserError("task=score needs score.input (a JSONL or FASTA file of sequences)")
     if score.output:
         output = check_new_output(Path(score.output), "score.output")
     else:  # the checkpoint's own run folder (or one named after it), a fresh folder per call
         output = default_output(run.ckpt.path, run.paths.output_root, "scores")
-    records = read_sequences(Path(score.input), score.text_key, run.ckpt.context)
+    policy, policy_from = policy_for_checkpoint(run.ckpt.path, run.data)
+    log.info("text policy (from %s): %s", policy_from, policy.to_dict())
+    records = read_sequences(Path(score.input), score.text_key, run.ckpt.context, policy)
     dtype = torch.bfloat16 if score.dtype == ScoreDtype.bfloat16 else torch.float32
     model = load_scoring_model(run.model, run.ckpt, dtype, pick_device(run.cluster.device))
 
