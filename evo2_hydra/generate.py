@@ -41,6 +41,7 @@ from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint, upper_ids
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2
+from evo2_hydra.model.chunked import prefill_chunked
 from evo2_hydra.model.decode import decode_step, prefill, repeat_batch
 from evo2_hydra.outputs import check_new_output, default_output
 from evo2_hydra.score import load_scoring_model, pick_device
@@ -103,20 +104,26 @@ def generate_tokens(
     *,
     cached: bool = True,
     stop_token: int | None = None,
+    chunk_tokens: int = 0,
 ) -> list[Generated]:
     """Continue `prompt_ids` in `n` parallel sequences by up to `length` tokens.
 
     `choose(logits [n, V] float32 CPU) -> [n]` picks each next token. With `cached`, the prompt is
     prefilled once and each token is one `decode_step`; otherwise the whole prefix is re-run per
     token (the reference the cached path is tested against). A sequence that emits `stop_token`
-    is finished; the batch stops when all are.
+    is finished; the batch stops when all are. `chunk_tokens` > 0 prefills a longer prompt in
+    exact chunks of that many tokens (bounded memory; model/chunked.py).
     """
     device = model.embedding.weight.device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device).expand(n, -1)
     if cached:  # the prompt is shared: prefill it once, then copy the states n times
-        cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+        if chunk_tokens and chunk_tokens < ids.shape[1]:
+            cache, last = prefill_chunked(model, ids[:1], ids.shape[1] + length, chunk_tokens)
+        else:
+            cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+            last = logits[:, -1]
         cache = repeat_batch(cache, n)
-        last = logits[:, -1].expand(n, -1)
+        last = last.expand(n, -1)
     else:
         last = model(ids)[:, -1]
     chosen: list[torch.Tensor] = []
@@ -334,6 +341,9 @@ def run_generate(run: RunConfig) -> Path | None:
         if device.type == "cpu"
         else contextlib.nullcontext()
     )
+    from evo2_hydra.infer.common import resolve_chunk
+
+    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, len(prompt_ids))
     started = time.perf_counter()
     generated: list[Generated] = []
     with threads:
@@ -347,6 +357,7 @@ def run_generate(run: RunConfig) -> Path | None:
                 lambda logits: sample_next(logits, settings, allowed, generator),
                 cached=settings.cached,
                 stop_token=stop,
+                chunk_tokens=chunk,
             )
     seconds = time.perf_counter() - started
     new_tokens = sum(len(g.tokens) + g.stopped_at_eod for g in generated)
