@@ -72,6 +72,10 @@ def load_shards(
     location: CheckpointLocation, *, trust_pickle: bool = False
 ) -> list[dict[str, Any]]:
     """Top-level dicts of every MP rank's model-state file, memory-mapped (tensors read on use)."""
+    if location.kind == "megatron":  # a NeMo2 / Megatron-Bridge folder, imported (megatron.py)
+        from evo2_hydra.checkpoint.megatron import megatron_top_level
+
+        return [megatron_top_level(location.source)]
     if location.is_zero3:
         gather = _hook(ZERO3_GATHERER)
         if gather is None:
