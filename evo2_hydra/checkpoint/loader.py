@@ -61,6 +61,12 @@ def load_shards(
     through `integrity.check_module` (keys, dtypes, and against the step's manifest CRC32s when
     we wrote it; with `finite`, no NaN/Inf). Verifying reads every tensor once (zlib-ng CRC32).
     """
+    if location.kind == "megatron":  # a NeMo2 / Megatron-Bridge folder, imported (megatron.py)
+        from evo2_hydra.checkpoint.megatron import megatron_top_level
+
+        top = megatron_top_level(location.source)
+        check_module(top["module"], location.describe(), finite=finite)
+        return [top]
     if location.is_zero3:
         modules = gather_zero3_module(location, trust_pickle=trust_pickle)
         for m in modules:
