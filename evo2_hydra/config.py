@@ -78,6 +78,8 @@ class Task(str, Enum):
     plan: parameter table and per-GPU memory estimate; builds nothing real.
     score: per-sequence log-likelihoods of score.input under ckpt.path.
     generate: sample sequences from ckpt.path (generate.condition, generate.prompt).
+    embed: per-sequence embeddings of embed.input from chosen layers (embed.layers).
+    vep: variant effect scores of vep.variants against vep.reference.
     """
 
     finetune = "finetune"
@@ -85,6 +87,8 @@ class Task(str, Enum):
     plan = "plan"
     score = "score"
     generate = "generate"
+    embed = "embed"
+    vep = "vep"
 
 
 class Packing(str, Enum):
@@ -108,6 +112,29 @@ class OnError(str, Enum):
 
     fail = "fail"
     skip = "skip"
+
+
+class Alphabet(str, Enum):
+    """What to do with a sequence holding characters outside data.charset (docs/data.md)."""
+
+    error = "error"  # one line naming file, line/record and character; exit 2
+    skip = "skip"  # leave the record out, counted in the summary
+    keep = "keep"  # keep its bytes as tokens, counted (bytes 0/1 = EOD/PAD are still refused)
+
+
+class Charset(str, Enum):
+    """Characters a sequence may hold."""
+
+    printable = "printable"  # ASCII 32..126: bases, N, IUPAC codes, phylogenetic tags
+    iupac = "iupac"  # A C G T U N + IUPAC ambiguity codes, either case
+
+
+class ReverseComplement(str, Enum):
+    """Reverse-complement augmentation at preprocessing."""
+
+    none = "none"
+    both = "both"  # each window and its reverse complement (twice the documents)
+    random = "random"  # each window or its reverse complement, a seeded choice per window
 
 
 class Dtype(str, Enum):
@@ -169,6 +196,21 @@ class OutputFormat(str, Enum):
 
     text = "text"
     json = "json"
+
+
+class EmbedPool(str, Enum):
+    """How per-position embeddings are reduced per sequence."""
+
+    mean = "mean"  # average over every position of the sequence
+    last = "last"  # the last position (it has seen the whole sequence)
+    none = "none"  # every position: one [L, D] array per sequence
+
+
+class SaveDtype(str, Enum):
+    """dtype of saved embedding arrays."""
+
+    float32 = "float32"
+    float16 = "float16"
 
 
 class TargetKind(str, Enum):
@@ -297,7 +339,7 @@ class CkptConfig:
     model: str | None = None
     """Model size this preset was released for; another model= is refused. None = any."""
     path: str | None = None
-    """Starting weights: a savanna .pt file, a global_stepN folder, a folder holding `latest`, a run folder, or a vortex .pt."""
+    """Starting weights: a savanna .pt file, a global_stepN folder, a folder holding `latest`, a run folder, a vortex .pt, a NeMo2 folder, or hf://owner/repo."""
     context: int = 8192
     """Tokens per sample the run trains at; context-dependent filters are resized to it."""
     source_context: int | None = None
@@ -325,21 +367,52 @@ class CkptConfig:
 
 @dataclass
 class ConditionConfig:
-    """Prepend a conditioning token chosen by a JSONL field (e.g. clade A -> '1')."""
+    """Prepend a conditioning token chosen per record (e.g. clade A -> '1').
+
+    The class name comes from a JSONL field (`field`), or for FASTA from the header
+    (`header_regex`, one group) or a two-column TSV `id<TAB>class` (`tsv`).
+    """
 
     # (`tokens` comes first: the attribute `field` would shadow dataclasses.field below it)
     tokens: dict[str, str] = field(default_factory=dict)
     """Class name -> single-byte token."""
     field: str | None = None
     """JSONL field holding the class name; None = sequences are used as they are."""
+    header_regex: str | None = None
+    """FASTA: regex on the header line (after '>') whose one group is the class name."""
+    tsv: str | None = None
+    """FASTA: TSV file of record id <TAB> class name (no header row)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether records get a conditioning token."""
+        return self.field is not None or self.header_regex is not None or self.tsv is not None
+
+    def __post_init__(self) -> None:
+        if self.header_regex is not None:
+            import re
+
+            try:
+                groups = re.compile(self.header_regex).groups
+            except re.error as err:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r}: not a regex ({err})"
+                ) from None
+            if groups != 1:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r} has {groups} groups; "
+                    "expected exactly one (the class name)"
+                )
+            if self.tsv is not None:
+                raise ConfigError("data.condition: give header_regex or tsv, not both")
 
 
 @dataclass
 class DataConfig:
-    """Training data: inputs, packing, tokens and loss weights."""
+    """Training data: inputs, packing, text policy, windows, tokens and loss weights."""
 
     input: Any = None
-    """Training input: JSONL (.jsonl / .jsonl.gz) path(s) or BIN/IDX prefix(es); one path or a list."""
+    """Training input: JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz], bgzip too) path(s), or BIN/IDX prefix(es); one path or a list."""
     valid_input: Any = None
     """Validation input(s); None = carve it out of `input` with `split`."""
     test_input: Any = None
@@ -357,11 +430,25 @@ class DataConfig:
     text_key: str = "text"
     """JSONL field holding the sequence."""
     condition: ConditionConfig = field(default_factory=ConditionConfig)
-    """Conditioning tokens (data.condition.field, data.condition.tokens)."""
+    """Conditioning tokens (data.condition.field / header_regex / tsv, data.condition.tokens)."""
     truncate: bool = False
     """Padded packing: cut documents longer than the context instead of failing."""
     on_error: OnError = OnError.fail
-    """Bad JSONL lines: fail, or skip and count them."""
+    """Bad JSONL lines / FASTA records: fail, or skip and count them."""
+    alphabet: Alphabet = Alphabet.error
+    """Characters outside data.charset: error, skip the record, or keep them (docs/data.md, text policy)."""
+    charset: Charset = Charset.printable
+    """Characters a sequence may hold: printable (ASCII 32..126) or iupac (ACGTUN + IUPAC codes)."""
+    window: int | None = None
+    """Cut records longer than this many characters into windows; null = records as they are, 0 = fit ckpt.context."""
+    stride: int | None = None
+    """Characters between window starts (overlap = window - stride); null = window (no overlap)."""
+    keep_partial_window: bool = True
+    """Keep a last window shorter than `window`."""
+    reverse_complement: ReverseComplement = ReverseComplement.none
+    """Augmentation at preprocessing: none, both (each window and its reverse complement) or random."""
+    reverse_complement_seed: int = 1234
+    """reverse_complement=random: seed of which windows are flipped."""
     to_upper: ToUpper = ToUpper.normalized_weighted
     """Case handling: none, upper, weighted, or normalized_weighted (as Evo 2 trained)."""
     lowercase_weight: float = 0.1
@@ -390,6 +477,18 @@ class DataConfig:
                 raise ConfigError(
                     f"data.condition.tokens.{name}={token!r}: a conditioning token must be one byte"
                 )
+            if str(token) in ("\x00", "\x01"):
+                raise ConfigError(
+                    f"data.condition.tokens.{name}: bytes 0 and 1 are the EOD and PAD tokens"
+                )
+        if self.window is not None and self.window < 0:
+            raise ConfigError(
+                f"data.window={self.window}: expected a length, 0 (fit the context) or null"
+            )
+        if self.stride is not None and (self.stride <= 0 or self.window is None):
+            raise ConfigError(
+                f"data.stride={self.stride}: expected a positive step, together with data.window"
+            )
 
     @staticmethod
     def as_list(value: Any) -> list[str]:
@@ -552,16 +651,25 @@ class PlanConfig:
     """Run (or submit) a finetune even when the memory plan says it does not fit."""
 
 
+def check_chunk_tokens(section: str, value: int | None) -> None:
+    """Refuse a negative chunk size (0 = never chunk, None = automatic)."""
+    if value is not None and value < 0:
+        raise ConfigError(
+            f"{section}.chunk_tokens={value}: expected a positive number of tokens, 0 (never "
+            "chunk) or null (automatic)"
+        )
+
+
 @dataclass
 class ScoreConfig:
     """task=score: per-sequence log-likelihoods."""
 
     input: str | None = None
-    """JSONL file with the sequences to score."""
+    """JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz]) file of sequences to score."""
     output: str | None = None
-    """Output folder (must not exist yet); None = <run folder>/score."""
+    """Output folder (must not exist yet); None = <checkpoint's run>/scores/<time>."""
     text_key: str = "text"
-    """JSONL field holding the sequence."""
+    """JSONL field holding the sequence (FASTA: the record's sequence)."""
     logits: bool = False
     """Also write [L, 512] float32 logits per sequence (.npy)."""
     dtype: Dtype = Dtype.float32
@@ -572,10 +680,13 @@ class ScoreConfig:
     """Average with the reverse complement's score."""
     log_probs: bool = False
     """Also write per-position log-probabilities [L-1] float32 (.npy)."""
+    chunk_tokens: int | None = None
+    """Tokens per forward chunk (exact: states carried between chunks); None = automatic (only when the whole forward would not fit), 0 = never."""
 
     def __post_init__(self) -> None:
         check_numbers(self, "score")
         check_positive(self, "score", "batch_size")
+        check_chunk_tokens("score", self.chunk_tokens)
 
 
 @dataclass
@@ -607,14 +718,78 @@ class GenerateConfig:
     cpu_threads: int = 0
     """torch threads on CPU; 0 = auto (1 below hidden_size 1024, where 2 threads made evo2_tiny ~17x slower)."""
     output: str | None = None
-    """Output folder; None = <run folder>/generations/<time>."""
+    """Output folder; None = <checkpoint's run>/generations/<time>."""
+    chunk_tokens: int | None = None
+    """Prompt prefill in chunks of this many tokens; None = automatic, 0 = one pass."""
 
     def __post_init__(self) -> None:
         check_numbers(self, "generate")
+        check_chunk_tokens("generate", self.chunk_tokens)
         check_positive(self, "generate", "n", "length", "batch_size")
         check_non_negative(self, "generate", "cpu_threads", "temperature", "top_k", "seed")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"generate.top_p={self.top_p}: expected a value in (0, 1]")
+
+
+@dataclass
+class EmbedConfig:
+    """task=embed: per-sequence (or per-position) embeddings from chosen layers."""
+
+    input: str | None = None
+    """JSONL or FASTA file of sequences (as score.input)."""
+    output: str | None = None
+    """Output folder; None = <run folder>/embed/<time> for our runs."""
+    text_key: str = "text"
+    """JSONL field holding the sequence."""
+    layers: list[str] = field(default_factory=list)
+    """vortex / evo2-package module names: embedding_layer, blocks.N (block output), blocks.N.mlp.l3 (MLP output before the residual add), norm (final norm)."""
+    pool: EmbedPool = EmbedPool.mean
+    """Per sequence: mean over positions, the last position, or none (every position, [L, D])."""
+    dtype: Dtype = Dtype.float32
+    """Compute dtype of the model: float32 or bfloat16."""
+    save_dtype: SaveDtype = SaveDtype.float32
+    """dtype of the written arrays: float32 or float16."""
+    reverse_complement: bool = False
+    """Also embed the reverse complement (pooled: [forward | reverse] columns; none: a separate array)."""
+    batch_size: int = 8
+    """Sequences per forward pass, grouped by length."""
+    chunk_tokens: int | None = None
+    """As score.chunk_tokens."""
+
+    def __post_init__(self) -> None:
+        check_numbers(self, "embed")
+        check_positive(self, "embed", "batch_size")
+        check_chunk_tokens("embed", self.chunk_tokens)
+
+
+@dataclass
+class VepConfig:
+    """task=vep: variant effect scores (alternative minus reference window log-likelihood)."""
+
+    reference: str | None = None
+    """Reference genome: FASTA or bgzip FASTA.gz (indexed with pysam: .fai/.gzi)."""
+    variants: str | None = None
+    """VCF / VCF.gz, or TSV/CSV with columns chrom,pos,ref,alt (1-based)."""
+    window: int = 8192
+    """Tokens around each variant (as the Evo 2 BRCA1 notebook: seq[p - w//2 : p + w//2])."""
+    output: str | None = None
+    """Output folder; None = <run folder>/vep/<time> for our runs."""
+    on_mismatch: OnError = OnError.fail
+    """A REF that differs from the reference: fail, or skip it."""
+    reverse_complement: bool = False
+    """Also score both windows' reverse complements."""
+    dtype: Dtype = Dtype.float32
+    """Compute dtype of the model: float32 or bfloat16."""
+    chunk_tokens: int | None = None
+    """As score.chunk_tokens."""
+    share_prefix: bool = True
+    """Continue the alternative window from the reference's state at the variant (exact, less work); false: both from scratch."""
+
+    def __post_init__(self) -> None:
+        check_numbers(self, "vep")
+        if self.window < 2:
+            raise ConfigError(f"vep.window={self.window}: must be at least 2 tokens")
+        check_chunk_tokens("vep", self.chunk_tokens)
 
 
 @dataclass
@@ -651,12 +826,14 @@ def check_model_ckpt(model: ModelConfig, ckpt: CkptConfig) -> None:
 
 @dataclass
 class RunConfig:
-    """Root config of launch.py: finetune, preprocess, plan, score or generate with Evo 2."""
+    """Root config of launch.py: finetune, preprocess, plan, score, generate, embed or vep with Evo 2."""
 
     task: Task = Task.finetune
-    """What to do: finetune, preprocess, plan, score or generate."""
-    run_name: str = "${model.name}-ctx${ckpt.context}"
-    """Name of the run folder under paths.output_root/runs."""
+    """What to do: finetune, preprocess, plan, score, generate, embed or vep."""
+    run_name: str = "${evo2_run_name:}"
+    """Run folder name under paths.output_root/runs: <model>-<data>-<hash of the settings that define the run> (evo2_hydra/run_identity.py), so the same command finds its own folder again."""
+    resume: str | None = None
+    """Continue the run in this folder with its saved config; only settings that may change on resume (train.steps, cadences, cluster.*) may be overridden."""
     seed: int = 1234
     """Seed of initialisation, data order and dropout-free training randomness (0..2^63-1)."""
     dry_run: bool = False
@@ -679,6 +856,10 @@ class RunConfig:
     """task=score options."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """task=generate options."""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    """task=embed options."""
+    vep: VepConfig = field(default_factory=VepConfig)
+    """task=vep options."""
     paths: PathsConfig = field(default_factory=PathsConfig)
     """Output and cache folders."""
 

@@ -337,7 +337,7 @@ def test_cfg_job_resolve_works(run_entry, script):
     printed = OmegaConf.create(proc.stdout)
     assert "${" not in proc.stdout
     if script == "launch.py":
-        assert printed.output_dir.endswith("runs/evo2_tiny-ctx512")
+        assert printed.output_dir.endswith(f"runs/{printed.run_name}")
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS)

@@ -82,7 +82,9 @@ def latest(run: RunConfig) -> str:
     return (ckpt_dir(run) / "latest").read_text()
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize(
+    "stage,precision", [(0, "float32"), (1, "bfloat16"), (2, "float32"), (3, "bfloat16")]
+)
 def test_zero_stage_trains_saves_and_resumes(make_run, stage, precision):
     args = (f"train.zero_stage={stage}", f"train.precision={precision}", "train.save_every=2")
     args += (f"train.activation_checkpointing={stage in (0, 3)}",)  # recompute blocks in backward
@@ -116,7 +118,7 @@ def test_zero_stage_trains_saves_and_resumes(make_run, stage, precision):
         assert (step / name).is_file(), name
     assert json.loads((step / "conditions.json").read_text()) == {"A": "1", "B": "2"}
     if stage in (1, 2):
-        prefix = "bf16_" if precision == "bf16" else ""
+        prefix = "bf16_" if precision == "bfloat16" else ""
         assert (step / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
     if stage != 3:  # the model states are savanna-loadable by our own loader
         state, meta = load_module_state_dict(run_dir)
