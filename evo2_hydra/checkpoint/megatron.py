@@ -482,7 +482,7 @@ def megatron_top_level(path: Path) -> dict[str, Any]:
     The model is the preset the checkpoint's metadata matches; the caller checks it against the
     run's model like any checkpoint's shapes.
     """
-    from evo2_hydra.checkpoint.loader import IMPORTED_FROM
+    from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
 
     ck = detect_megatron(path)
     if ck is None:
