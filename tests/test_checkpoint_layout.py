@@ -66,14 +66,9 @@ def test_zero3_detected_and_reported(tmp_path, monkeypatch):
     assert loc.is_zero3 and loc.mp == 1 and len(loc.zero3_files[0]) == 2
     import evo2_hydra.checkpoint.loader as loader
 
-    monkeypatch.setattr(
-        loader, "ZERO3_GATHERER", ("tests.test_checkpoint_layout", "fake_zero3_gatherer")
-    )
+    monkeypatch.setattr(loader, "gather_zero3_module", fake_zero3_gatherer)
     module, meta = load_module_state_dict(step)
     assert torch.equal(module["w"], torch.full((2,), 2.0)) and meta["iteration"] == 5
-    monkeypatch.setattr(loader, "ZERO3_GATHERER", ("evo2_hydra.no_such_module", "f"))
-    with pytest.raises(UserError, match=r"global_step5 \(ZeRO-3, MP=1, 2 data-parallel shards\)"):
-        load_module_state_dict(step)
 
 
 def fake_zero3_gatherer(location, *, trust_pickle=False):
@@ -94,16 +89,10 @@ def test_vortex_file_detected_and_handed_to_the_importer(tmp_path, monkeypatch):
     )
     import evo2_hydra.checkpoint.loader as loader
 
-    monkeypatch.setattr(
-        loader, "VORTEX_IMPORTER", ("tests.test_checkpoint_layout", "fake_vortex_importer")
-    )
+    monkeypatch.setattr(loader, "import_vortex_state_dict", fake_vortex_importer)
     module, _ = load_module_state_dict(path)
     assert torch.equal(module["sequential.0.word_embeddings.weight"], torch.ones(4, 2))
     assert module["from._extra_state"] == str(path)
-    # without an importer: one line saying what the file is
-    monkeypatch.setattr(loader, "VORTEX_IMPORTER", ("evo2_hydra.no_such_module", "f"))
-    with pytest.raises(UserError, match=r"evo2_tiny_vortex\.pt: this is a vortex"):
-        load_module_state_dict(path)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evo2_hydra.checkpoint.hub import local_checkpoint_path
+from evo2_hydra.checkpoint.megatron import detect_megatron
+from evo2_hydra.checkpoint.parts import part_set, part_sets_in
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -141,7 +144,13 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
         UserError: nothing at `path`, no checkpoint inside, `latest` naming a missing step, or
             incomplete model-parallel shards.
     """
-    source = Path(path).expanduser()
+    source = local_checkpoint_path(path)  # hf://ORG/REPO[@REV][/FILE] -> its cached file (hub.py)
+    if (parts := part_set(source)) is not None:  # NAME.pt.part0..N, read as one file (parts.py)
+        return CheckpointLocation(source, "file", None, None, [parts.parts[0]])
+    if (megatron := detect_megatron(source)) is not None:  # NeMo2 / Megatron-Bridge (megatron.py)
+        return CheckpointLocation(
+            source, "megatron", None, megatron.iteration, [megatron.weights / "metadata.json"]
+        )
     if not source.exists():
         raise UserError(f"ckpt.path={source}: no such file or folder")
     if source.is_file():
@@ -167,7 +176,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
                 "%s has no `latest`; using the newest step folder %s", save_dir, steps[-1].name
             )
             return _scan_step_dir(steps[-1], source)
-    pt_files = sorted(source.glob("*.pt"))
+    pt_files = sorted(source.glob("*.pt")) or part_sets_in(source)
     if len(pt_files) == 1:
         return locate_checkpoint(pt_files[0])
     if len(pt_files) > 1:

@@ -13,11 +13,13 @@ import logging
 import time
 from pathlib import Path
 
+from evo2_hydra.checkpoint import bulk_io
+from evo2_hydra.checkpoint.hub import local_checkpoint_path
 from evo2_hydra.checkpoint.layout import newest_run
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
-from evo2_hydra.convert import bulk_io
 from evo2_hydra.errors import UserError
+from evo2_hydra.io_utils import LOCK_NAME, exclusive_lock
 
 log = logging.getLogger("evo2_hydra.convert")
 
@@ -30,7 +32,7 @@ TARGETS: dict[TargetKind, str] = {
 
 def resolve_source(conv: ConvertConfig) -> Path:
     if conv.source is not None:
-        return Path(conv.source).expanduser()
+        return local_checkpoint_path(conv.source)  # a Hub id -> its cached file (hub.py)
     run = newest_run(Path(conv.paths.output_root))
     log.info("source not given: using the newest run %s", run)
     return run
@@ -68,12 +70,20 @@ def run_convert(conv: ConvertConfig) -> Path:
         log.info("output not given: writing %s", output)
     else:
         output = Path(conv.output).expanduser()
-    if output.exists() and not conv.overwrite:
-        raise UserError(f"output={output} already exists; set overwrite=true to replace it")
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UserError(f"output={output} is inside source={source}; the source is never modified")
+    # One conversion per output at a time: a second one fails now, not after converting
+    # everything; the existence check runs under the lock (a finished winner is seen).
+    lock = output.parent / f".{output.name}{LOCK_NAME}"
+    with exclusive_lock(lock, f"output={output}"):
+        if output.exists() and not conv.overwrite:
+            raise UserError(f"output={output} already exists; set overwrite=true to replace it")
+        return _convert_locked(conv, convert, source, output)
+
+
+def _convert_locked(conv: ConvertConfig, convert, source: Path, output: Path) -> Path:
     # Sources loaded in this block are registered with their file offsets, so tensors that a
-    # target writes unchanged are copied file to file (convert/bulk_io.py).
+    # target writes unchanged are copied file to file (checkpoint/bulk_io.py).
     with tracking_mapped_files():
         started, before = time.perf_counter(), bulk_io.totals()
         result = convert(conv, source, output)
