@@ -22,7 +22,7 @@ from evo2_hydra.errors import UserError
 log = logging.getLogger("evo2_hydra.convert")
 
 TARGETS: dict[TargetKind, str] = {
-    TargetKind.savanna: "evo2_hydra.convert.savanna:convert_savanna",
+    TargetKind.savanna: "evo2_hydra.convert.targets:convert_savanna",
     TargetKind.vortex: "evo2_hydra.convert.targets:convert_vortex",
     TargetKind.nemo: "evo2_hydra.convert.targets:convert_nemo",
 }

@@ -1,4 +1,4 @@
-"""convert.py targets vortex and nemo, and the streaming savanna writer behind target=savanna.
+"""convert.py targets: vortex, nemo and savanna, each a thin layer over checkpoint/.
 
 Each target: open the source memory-mapped (`source.py`), check it against the model, write into a
 temporary folder next to `output` tensor by tensor with a progress bar, optionally verify (run the
@@ -22,6 +22,9 @@ from torch import Tensor
 from evo2_hydra.checkpoint import nemo_io
 from evo2_hydra.checkpoint.adapters import nemo as nemo_format
 from evo2_hydra.checkpoint.adapters import vortex as vortex_format
+from evo2_hydra.checkpoint.loader import load_module_state_dict
+from evo2_hydra.checkpoint.manifest import write_export_manifest
+from evo2_hydra.checkpoint.mp import check_mp_size
 from evo2_hydra.checkpoint.prepare import check_checkpoint
 from evo2_hydra.checkpoint.resize import context_width
 from evo2_hydra.checkpoint.stream import (
@@ -30,9 +33,9 @@ from evo2_hydra.checkpoint.stream import (
     conversion_progress,
     return_freed_memory_to_os,
     tensor_nbytes,
-    write_manifest,
 )
-from evo2_hydra.config import ConvertConfig, ModelConfig
+from evo2_hydra.checkpoint.writer import write_savanna_dir
+from evo2_hydra.config import CastDtype, ConvertConfig, ModelConfig
 from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.verify import max_logit_difference, should_verify
 from evo2_hydra.errors import UserError
@@ -115,7 +118,7 @@ def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
             return dict(vortex_format.vortex_to_savanna(vortex_state, context=width))
 
         diff = _verify(conv, src, state, reimport, fold_hcm=True)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target="vortex",
@@ -163,7 +166,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             return nemo_format.nemo_to_savanna(weights, cfg)
 
         diff = _verify(conv, src, state, reimport)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target=f"nemo/{conv.nemo.format.value}",
@@ -188,15 +191,16 @@ def described_config(conv: ConvertConfig, cfg: ModelConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(resolved))
 
 
-def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -> Path:
+CAST_DTYPES = {CastDtype.bfloat16: torch.bfloat16, CastDtype.float32: torch.float32}
+
+
+def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
     """Re-save as savanna: MP merge/split (`savanna.mp`), resize to `ckpt.context`, dtype cast.
 
     Sources: savanna files (any MP), ZeRO-3 folders (gathered to full fp32 tensors), vortex files
-    (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`.
+    (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`,
+    written by the one savanna writer (checkpoint/writer.py).
     """
-    from evo2_hydra.checkpoint.loader import load_module_state_dict
-    from evo2_hydra.convert.reshard import CAST_DTYPES, check_mp_size, write_savanna_dir
-
     return_freed_memory_to_os()
     src = load_source(conv, source)
     cfg = src.model
@@ -227,7 +231,7 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
             return load_module_state_dict(tmp)[0]
 
         diff = _verify(conv, src, state, reimport)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target=f"savanna/mp{mp_out}",
