@@ -5,8 +5,8 @@ One format at two levels, both `{"format": ..., "files": {name: {"bytes", "tenso
   dtype and CRC32 (`model_states`), and the other files with their sizes (`other_files`);
   `verify_manifest` re-checks it.
 - an export (`OUT/manifest.json`, convert.py): source, target, every file and every tensor.
-Its presence at the top of a folder is also how `overwrite=true` knows that this project wrote the
-folder (`is_ours`), so an arbitrary folder is never replaced.
+An export manifest at the top of a folder is also how convert.py's `overwrite=true` knows that
+it wrote the folder (`is_export`), so an arbitrary folder is never replaced.
 """
 
 from __future__ import annotations
@@ -143,17 +143,14 @@ def write_export_manifest(
     return path
 
 
-def is_ours(folder: Path) -> bool:
-    """Whether `folder` carries a manifest this project writes (an export or a savanna save folder)."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        manifest = next(iter(sorted(folder.glob("global_step*/" + MANIFEST))), None)  # type: ignore[assignment]
-        if manifest is None:
-            return False
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a conversion's top-level `manifest.json` (`write_export_manifest`).
+
+    Only that counts: a run's checkpoint folder also holds our step manifests, and must never be
+    taken for a replaceable export.
+    """
     try:
-        body = json.loads(manifest.read_text())
+        body = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(body, dict) and (
-        body.get("checksum") == CHECKSUM or {"source", "target", "tensors"} <= body.keys()
-    )
+    return isinstance(body, dict) and {"source", "target", "tensors"} <= body.keys()
