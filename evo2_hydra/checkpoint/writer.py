@@ -43,7 +43,12 @@ from evo2_hydra.checkpoint.mp import partition_dim
 from evo2_hydra.checkpoint.resize import ScratchAllocator, resize_tensor
 from evo2_hydra.checkpoint.stream import TensorRef, TorchSaveStream, conversion_progress
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import atomic_dir, write_text_atomic
+from evo2_hydra.io_utils import (
+    atomic_dir,
+    old_name,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 
 __all__ = ["MANIFEST", "verify_manifest", "write_manifest", "write_model_states"]
 
@@ -92,14 +97,6 @@ def _write_configs(step_dir: Path, run_config_yaml: str | None) -> None:
     if run_config_yaml is not None:
         (step_dir / CONFIGS_DIR).mkdir(exist_ok=True)
         (step_dir / CONFIGS_DIR / RUN_CONFIG).write_text(run_config_yaml)
-
-
-def remove_stale_temporaries(save_dir: Path) -> None:
-    """Drop `.tmp-*` / `.old-*` leftovers of writers that were killed (only rank 0 writes here)."""
-    for p in save_dir.glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    for p in save_dir.glob(".old-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def write_checkpoint(
@@ -336,7 +333,7 @@ def commit_step_dir(
     final = save_dir / tag
     save_dir.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        old = save_dir / f".old-{tag}.{os.getpid()}"
+        old = old_name(final)
         os.replace(final, old)
         os.replace(tmp_step_dir, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -351,6 +348,7 @@ def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[Path]:
     save_dir = Path(save_dir)
     if keep_last < 1 or not save_dir.is_dir():
         return []
+    remove_stale_temporaries(save_dir)  # an earlier prune or commit that was killed
     latest_file = save_dir / LATEST
     current = latest_file.read_text().strip() if latest_file.is_file() else None
     steps = step_dirs(save_dir)
@@ -359,7 +357,7 @@ def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[Path]:
         if step.name == current:
             continue
         # Rename first: a prune killed halfway never leaves a half-deleted global_stepN behind.
-        doomed = save_dir / f".old-{step.name}.{os.getpid()}"
+        doomed = old_name(step)
         os.replace(step, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(step)

@@ -20,6 +20,7 @@ from evo2_hydra.checkpoint.manifest import MANIFEST, is_export
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
 from evo2_hydra.errors import UserError
+from evo2_hydra.io_utils import remove_stale_temporaries
 
 log = logging.getLogger("evo2_hydra.convert")
 
@@ -114,6 +115,7 @@ def run_convert(conv: ConvertConfig) -> Path:
     else:
         output = Path(conv.output).expanduser()
     check_output(output, source, overwrite=conv.overwrite)
+    remove_stale_temporaries(output.parent, output.name)  # of a conversion that was killed
     # Sources loaded in this block are registered with their file offsets, so tensors that a
     # target writes unchanged are copied file to file (checkpoint/bulk_io.py).
     with tracking_mapped_files():

@@ -41,7 +41,7 @@ from evo2_hydra.data.jsonl import (
 )
 from evo2_hydra.data.parallel import Encoded, encode_parallel
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import atomic_file, write_text_atomic
+from evo2_hydra.io_utils import atomic_file, remove_stale_temporaries, write_text_atomic
 
 log = logging.getLogger("evo2_hydra.data")
 
@@ -234,6 +234,8 @@ def preprocess_jsonl(
     progress: bool = True,
 ) -> PreprocessSummary:
     """Encode `inputs` (JSONL, .jsonl.gz) into one BIN/IDX pair at `output_prefix` (+ .bin/.idx)."""
+    prefix = Path(output_prefix)
+    remove_stale_temporaries(prefix.parent, f"{prefix.name}*")  # of a killed preprocess
     if not inputs:
         raise UserError("data.input: no input files given")
     for path in inputs:
