@@ -9,6 +9,7 @@ into place. Any error before the rename leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from evo2_hydra.checkpoint import nemo_io
@@ -157,7 +159,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
                 src.shapes(),
                 fmt=conv.nemo.format,
                 model_size=conv.nemo.model_size,
-                context=conv.ckpt.context,
+                context=src.ckpt.context,
                 on_tensor=written_one,
             )
 
@@ -181,10 +183,21 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
 # savanna
 
 
+def with_context(run_config_yaml: str | None, context: int) -> str | None:
+    """The source's saved run config, its `ckpt.context` set to what the tensors now are (the
+    text unchanged when it already agrees)."""
+    if run_config_yaml is None:
+        return None
+    saved = yaml.safe_load(run_config_yaml)
+    ckpt = saved.get("ckpt") if isinstance(saved, dict) else None
+    if not isinstance(ckpt, dict) or ckpt.get("context") == context:
+        return run_config_yaml
+    ckpt["context"] = context
+    return yaml.safe_dump(saved, sort_keys=False)
+
+
 def described_config(conv: ConvertConfig, cfg: ModelConfig) -> str:
     """`configs/config.yaml` for a source without one: this conversion's config, resolved model."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     resolved = dataclasses.replace(conv, model=cfg, output_dir=str(conv.output))
@@ -208,9 +221,10 @@ def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
     pad_to = check_checkpoint(src.shapes(), src.describe(), src.ckpt, cfg)
     mp_out = conv.savanna.mp or len(src.shards)
     check_mp_size(cfg, mp_out)
+    context = src.ckpt.context
     log.info(
         "savanna: %s -> %s (MP %d -> %d, context -> %d, dtype %s)",
-        src.describe(), output, len(src.shards), mp_out, conv.ckpt.context, conv.savanna.dtype.value,
+        src.describe(), output, len(src.shards), mp_out, context, conv.savanna.dtype.value,
     )  # fmt: skip
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         written = write_savanna_dir(
@@ -218,12 +232,13 @@ def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
             src.shards,
             mp_out=mp_out,
             iteration=src.iteration,
-            context=conv.ckpt.context,
+            context=context,
             pad_to=pad_to,
             dtype=CAST_DTYPES.get(conv.savanna.dtype),
             interleave_legacy=conv.ckpt.interleave_legacy,
             args=src.args,
-            run_config_yaml=src.run_config_yaml or described_config(conv, cfg),
+            run_config_yaml=with_context(src.run_config_yaml, context)
+            or described_config(dataclasses.replace(conv, ckpt=src.ckpt), cfg),
             desc=f"savanna (MP {mp_out})",
         )
 
