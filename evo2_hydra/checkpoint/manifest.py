@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
+from evo2_hydra.checkpoint.hub import resolved_sources
 from evo2_hydra.checkpoint.layout import MP_FILE_RE, ZERO3_FILE_RE
 from evo2_hydra.checkpoint.mapped import tensor_crc32
 from evo2_hydra.checkpoint.safe_load import safe_load
@@ -138,6 +139,8 @@ def write_export_manifest(
         "tensors": {k: tensor_entry(*v) for k, v in tensors.items()},
         **(dict(extra) if extra else {}),
     }
+    if hub_sources := resolved_sources():  # checkpoints read from the Hub, pinned to commits
+        manifest["hub"] = hub_sources
     path = out_dir / MANIFEST
     write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return path
