@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.legacy import mlp_width, padded_mlp_shape
-from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
 from evo2_hydra.checkpoint.loader import load_shards, shard_shapes
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.checkpoint.mp import merged_shapes
