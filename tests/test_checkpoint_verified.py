@@ -27,7 +27,7 @@ from evo2_hydra.checkpoint.loader import load_module_state_dict
 from evo2_hydra.checkpoint.run_dir import parse_config_yaml, read_saved_run
 from evo2_hydra.errors import UserError
 from evo2_hydra.score import json_line, load_scoring_model
-from evo2_hydra.train.run import run_finetune
+from evo2_hydra.train.run import resumed_config, run_finetune
 from tests.ckpt_factory import make_random_savanna_checkpoint, random_savanna_module
 from tests.test_train_run import CONTEXT, compose_run
 
@@ -351,6 +351,11 @@ def test_broken_saved_config_is_one_line_everywhere(
         with pytest.raises(UserError) as err:
             resume()
         assert re.search(message, one_line(err))
+        if damage is not _bad_value:  # `resume=RUN_DIR` reads the same file first
+            overrides = [f"resume={run_dir}", "train.steps=6"]
+            with pytest.raises(UserError) as err:
+                resumed_config(compose_cfg(overrides), overrides)
+            assert re.search(message, one_line(err))
     assert not (tmp_path / "out").exists()
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step4"
 
