@@ -30,6 +30,8 @@ TASKS: dict[Task, str] = {
     Task.plan: "evo2_hydra.plan:run_plan",
     Task.score: "evo2_hydra.score:run_score",
     Task.generate: "evo2_hydra.generate:run_generate",
+    Task.embed: "evo2_hydra.infer.embed:run_embed",
+    Task.vep: "evo2_hydra.infer.vep:run_vep",
 }
 CONVERT = "evo2_hydra.convert.run:run_convert"
 
@@ -103,6 +105,10 @@ def run_launch(cfg: DictConfig) -> Any:
             _fail(str(err))
     run: RunConfig = to_run_config(cfg, RunConfig)
     try:
+        if run.task not in (Task.plan, Task.preprocess):
+            from evo2_hydra.checkpoint.hub import pin_config_paths
+
+            pin_config_paths(run)  # hf:// ids -> their commit, so the saved config pins it
         result = _resolve(TASKS[run.task])(run)
     except (UserError, ConfigError) as err:
         _fail(str(err))
@@ -120,6 +126,9 @@ def run_launch(cfg: DictConfig) -> Any:
 def run_convert(cfg: DictConfig) -> Any:
     conv: ConvertConfig = to_run_config(cfg, ConvertConfig)
     try:
+        from evo2_hydra.checkpoint.hub import pin_config_paths
+
+        pin_config_paths(conv)  # hf:// ids -> their commit (hub.py)
         return _resolve(CONVERT)(conv)
     except (UserError, ConfigError) as err:
         _fail(str(err))

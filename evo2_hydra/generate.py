@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf import OmegaConf
 
 from evo2_hydra.config import (
     CkptConfig,
@@ -39,9 +37,11 @@ from evo2_hydra.config import (
     RunConfig,
     ScoreDtype,
 )
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint, upper_ids
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2
+from evo2_hydra.model.chunked import prefill_chunked
 from evo2_hydra.model.decode import decode_step, prefill, repeat_batch
 from evo2_hydra.outputs import check_new_output, default_output
 from evo2_hydra.score import load_scoring_model, pick_device
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 EOD = 0  # CharLevelTokenizer end of document
 PRINTABLE = range(32, 127)  # the byte values prompts may hold and sampling may produce
-CONDITIONS_FILE = "conditions.json"  # written by the finetune run next to each checkpoint
-SAVED_CONFIG = ("configs/config.yaml",)  # relative to the step folder
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -106,20 +104,26 @@ def generate_tokens(
     *,
     cached: bool = True,
     stop_token: int | None = None,
+    chunk_tokens: int = 0,
 ) -> list[Generated]:
     """Continue `prompt_ids` in `n` parallel sequences by up to `length` tokens.
 
     `choose(logits [n, V] float32 CPU) -> [n]` picks each next token. With `cached`, the prompt is
     prefilled once and each token is one `decode_step`; otherwise the whole prefix is re-run per
     token (the reference the cached path is tested against). A sequence that emits `stop_token`
-    is finished; the batch stops when all are.
+    is finished; the batch stops when all are. `chunk_tokens` > 0 prefills a longer prompt in
+    exact chunks of that many tokens (bounded memory; model/chunked.py).
     """
     device = model.embedding.weight.device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device).expand(n, -1)
     if cached:  # the prompt is shared: prefill it once, then copy the states n times
-        cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+        if chunk_tokens and chunk_tokens < ids.shape[1]:
+            cache, last = prefill_chunked(model, ids[:1], ids.shape[1] + length, chunk_tokens)
+        else:
+            cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+            last = logits[:, -1]
         cache = repeat_batch(cache, n)
-        last = logits[:, -1].expand(n, -1)
+        last = last.expand(n, -1)
     else:
         last = model(ids)[:, -1]
     chosen: list[torch.Tensor] = []
@@ -160,45 +164,6 @@ class GenerationSource:
     checkpoint: dict = field(default_factory=dict)  # what the output records about the weights
 
 
-def _saved_run_config(location) -> tuple[dict | None, Path | None]:
-    """Our checkpoints carry the run config: in the step folder, else in the run folder."""
-    candidates = []
-    if location.step_dir is not None:
-        candidates += [location.step_dir / rel for rel in SAVED_CONFIG]
-        candidates.append(location.step_dir.parent.parent / "config.yaml")  # run/checkpoints/step
-    if location.source.is_dir():
-        candidates.append(location.source / "config.yaml")
-    for path in candidates:
-        if path.is_file():
-            try:
-                saved = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as err:
-                raise UserError(f"{path}: not valid YAML ({err})") from None
-            if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
-                return saved, path
-    return None, None
-
-
-def _model_from_saved(saved: dict, path: Path) -> ModelConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved["model"])
-        return OmegaConf.to_object(merged)
-    except Exception as err:  # noqa: BLE001 - any schema problem is a bad file
-        raise UserError(
-            f"{path}: the saved `model` section does not fit the schema ({err})"
-        ) from None
-
-
-def _read_conditions(path: Path) -> dict[str, str]:
-    try:
-        mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
-    if not isinstance(mapping, dict):
-        raise UserError(f"{path}: expected an object of class name -> token")
-    return {str(k): str(v) for k, v in mapping.items()}
-
-
 def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> GenerationSource:
     """Locate `ckpt.path` and collect model, context, EOD use and conditioning mapping."""
     if not ckpt.path:
@@ -206,6 +171,7 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
             "task=generate needs ckpt.path (a run folder, a savanna checkpoint or a vortex .pt)"
         )
     from evo2_hydra.checkpoint import locate_checkpoint
+    from evo2_hydra.checkpoint.run_dir import read_saved_run
 
     location = locate_checkpoint(ckpt.path)
     record = {
@@ -213,38 +179,32 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
         "resolved": location.describe(),
         "iteration": location.iteration,
     }
-    saved, saved_path = _saved_run_config(location)
+    saved = read_saved_run(location)
     if saved is None:
         conditions = (
             {str(k): str(v) for k, v in data.condition.tokens.items()}
-            if data.condition.field is not None
+            if data.condition.enabled
             else {}
         )
         return GenerationSource(
             model, ckpt.context, data.append_eod, conditions, "the command line", record
         )
-    saved_model = _model_from_saved(saved, saved_path)
+    saved_model = saved.model()
     if saved_model.name != model.name:
         log.info(
             "using the run's model %s (saved in %s), not model=%s",
             saved_model.name,
-            saved_path,
+            saved.config_path,
             model.name,
         )
-    saved_data = saved.get("data") or {}
-    conditions_file = location.step_dir / CONDITIONS_FILE if location.step_dir else None
-    if conditions_file is not None and conditions_file.is_file():
-        conditions = _read_conditions(conditions_file)
-    else:
-        cond = saved_data.get("condition") or {}
-        conditions = dict(cond.get("tokens") or {}) if cond.get("field") else {}
-    record["run_config"] = str(saved_path)
+    context, append_eod = saved.context, saved.append_eod
+    record["run_config"] = str(saved.config_path)
     return GenerationSource(
         model=saved_model,
-        context=int((saved.get("ckpt") or {}).get("context", ckpt.context)),
-        append_eod=bool(saved_data.get("append_eod", data.append_eod)),
-        conditions={str(k): str(v) for k, v in conditions.items()},
-        facts_from=str(saved_path),
+        context=ckpt.context if context is None else context,
+        append_eod=data.append_eod if append_eod is None else append_eod,
+        conditions=saved.conditions(),
+        facts_from=str(saved.config_path),
         checkpoint=record,
     )
 
@@ -262,9 +222,17 @@ def check_prompt(prompt: str) -> list[int]:
     return list(prompt.encode("ascii"))
 
 
-def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> list[int]:
-    """Token ids the model is fed: the condition's token (if any), then the prompt."""
+def conditioned_prompt(
+    settings: GenerateConfig, source: GenerationSource, policy: TextPolicy | None = None
+) -> list[int]:
+    """Token ids the model is fed: the condition's token (if any), then the prompt, as the run's
+    text policy makes model input (upper-cased when it trained upper-cased)."""
     ids = check_prompt(settings.prompt)
+    if policy is not None:
+        prompt = policy.normalize(settings.prompt, "generate.prompt", model=True)
+        if prompt is None:  # data.alphabet=skip: a single prompt cannot be left out
+            raise UserError(f"generate.prompt: {policy.problem(settings.prompt)}")
+        ids = list(prompt.encode("ascii"))
     if settings.condition is not None:
         if not source.conditions:
             raise UserError(
@@ -277,7 +245,9 @@ def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> li
                 f"generate.condition={settings.condition} is not in the run's conditioning "
                 f"mapping (known: {known}; read from {source.facts_from})"
             )
-        ids = list(source.conditions[settings.condition].encode("utf-8")) + ids
+        token = list(source.conditions[settings.condition].encode("utf-8"))
+        # training upper-cases every input token, the conditioning token included
+        ids = (upper_ids(token) if policy is not None and policy.upper else token) + ids
     if not ids:
         raise UserError(
             "generate.prompt is empty and no generate.condition is given: nothing to start from"
@@ -348,7 +318,8 @@ def run_generate(run: RunConfig) -> Path | None:
         log.info("rank %d: generation runs on rank 0 only; nothing to do here", rank)
         return None
     source = describe_source(run.ckpt, run.model, run.data)
-    prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
+    policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)
+    prompt_ids = conditioned_prompt(settings, source, policy)  # every input check before loading
     output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
     dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
@@ -370,6 +341,9 @@ def run_generate(run: RunConfig) -> Path | None:
         if device.type == "cpu"
         else contextlib.nullcontext()
     )
+    from evo2_hydra.infer.common import resolve_chunk
+
+    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, len(prompt_ids))
     started = time.perf_counter()
     generated: list[Generated] = []
     with threads:
@@ -383,6 +357,7 @@ def run_generate(run: RunConfig) -> Path | None:
                 lambda logits: sample_next(logits, settings, allowed, generator),
                 cached=settings.cached,
                 stop_token=stop,
+                chunk_tokens=chunk,
             )
     seconds = time.perf_counter() - started
     new_tokens = sum(len(g.tokens) + g.stopped_at_eod for g in generated)

@@ -13,10 +13,11 @@ import logging
 import time
 from pathlib import Path
 
-from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
+from evo2_hydra.checkpoint import bulk_io
+from evo2_hydra.checkpoint.hub import local_checkpoint_path
+from evo2_hydra.checkpoint.layout import newest_run
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
-from evo2_hydra.convert import bulk_io
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import LOCK_NAME, exclusive_lock
 
@@ -29,26 +30,9 @@ TARGETS: dict[TargetKind, str] = {
 }
 
 
-def newest_run(output_root: Path) -> Path:
-    """The run folder under `output_root` whose `checkpoints/latest` was written last."""
-    candidates = [
-        p.parent.parent
-        for p in output_root.rglob(f"{RUN_CHECKPOINT_SUBDIR}/{LATEST}")
-        if p.is_file() and p.parent.name == RUN_CHECKPOINT_SUBDIR
-    ]
-    if not candidates:
-        raise UserError(
-            f"source is not set and no run with checkpoints was found under paths.output_root={output_root}; "
-            "give source=PATH"
-        )
-    return max(
-        candidates, key=lambda run: (run / RUN_CHECKPOINT_SUBDIR / LATEST).stat().st_mtime_ns
-    )
-
-
 def resolve_source(conv: ConvertConfig) -> Path:
     if conv.source is not None:
-        return Path(conv.source).expanduser()
+        return local_checkpoint_path(conv.source)  # a Hub id -> its cached file (hub.py)
     run = newest_run(Path(conv.paths.output_root))
     log.info("source not given: using the newest run %s", run)
     return run
@@ -99,7 +83,7 @@ def run_convert(conv: ConvertConfig) -> Path:
 
 def _convert_locked(conv: ConvertConfig, convert, source: Path, output: Path) -> Path:
     # Sources loaded in this block are registered with their file offsets, so tensors that a
-    # target writes unchanged are copied file to file (convert/bulk_io.py).
+    # target writes unchanged are copied file to file (checkpoint/bulk_io.py).
     with tracking_mapped_files():
         started, before = time.perf_counter(), bulk_io.totals()
         result = convert(conv, source, output)

@@ -47,15 +47,15 @@ def config_yaml(run: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(run))
 
 
-def config_differences(saved_yaml: str, run: RunConfig) -> list[str]:
+def config_differences(saved: dict, run: RunConfig) -> list[str]:
     """Keys (with both values) where the run folder's config and this run's config differ,
     among the settings that define a run (run_identity: not steps, cadence, cluster, cache)."""
-    saved = identity(yaml.safe_load(saved_yaml) or {})
+    before = identity(saved or {})
     now = identity(yaml.safe_load(config_yaml(run)))
     return [
-        f"{key}: {saved.get(key)!r} in the folder, {now.get(key)!r} now"
-        for key in sorted(set(saved) | set(now))
-        if saved.get(key) != now.get(key)
+        f"{key}: {before.get(key)!r} in the folder, {now.get(key)!r} now"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
     ]
 
 
@@ -69,31 +69,33 @@ def _archive_previous(run_dir: Path) -> Path:
     return dest
 
 
-def check_run_folder(run_dir: Path, run: RunConfig) -> bool:
-    """Decide fresh start vs resume (rank 0). Returns True to resume from checkpoints/latest.
+def check_run_folder(run_dir: Path, run: RunConfig) -> Path | None:
+    """Decide fresh start vs resume (rank 0). Returns the verified step folder to resume from.
 
     Refuses a folder holding another run's config unless train.resume=false (then the old
-    outputs move to previous/<time>/).
+    outputs move to previous/<time>/). A folder holding checkpoints always resumes from an
+    intact one or stops (never starts over on top of them; train/saving.resume_step_dir).
     """
-    from evo2_hydra.train.saving import latest_step_dir
+    from evo2_hydra.checkpoint.run_dir import read_config_file
+    from evo2_hydra.train.saving import resume_step_dir
 
     saved = run_dir / RUN_CONFIG
     used = saved.is_file() or (run_dir / "checkpoints").exists()
     if not used:
-        return False
+        return None
     if not run.train.resume:
         dest = _archive_previous(run_dir)
         log.warning("train.resume=false: the previous run's outputs moved to %s", dest)
-        return False
-    if saved.is_file():
-        diffs = config_differences(saved.read_text(), run)
+        return None
+    if os.path.lexists(saved):
+        diffs = config_differences(read_config_file(saved), run)
         if diffs:
             raise UserError(
                 f"{saved}: this run folder holds another run's config ({'; '.join(diffs[:3])}"
                 f"{'; ...' if len(diffs) > 3 else ''}); use a new folder (another run_name or "
                 "hydra.run.dir=...) or train.resume=false to start over here"
             )
-    return latest_step_dir(run_dir) is not None
+    return resume_step_dir(run_dir)
 
 
 def _on_rank0_then_share(dist: DistInfo, fn) -> Any:
@@ -155,6 +157,7 @@ def _client_state(run: RunConfig, step: int, plan, conditions: dict[str, str]) -
 def finetune_this_rank(run: RunConfig) -> dict:
     """Everything one rank does (torchrun, submitit/Slurm task, or a local child process)."""
     from evo2_hydra import data as data_api
+    from evo2_hydra.checkpoint.integrity import verify_step_dir
     from evo2_hydra.checkpoint.layout import locate_checkpoint
     from evo2_hydra.checkpoint.loader import load_module_state_dict
     from evo2_hydra.checkpoint.prepare import prepare_shared_base_checkpoint
@@ -178,7 +181,8 @@ def finetune_this_rank(run: RunConfig) -> dict:
             check_inputs(run)  # cheap: before the folder is judged or locked
             run_dir.mkdir(parents=True, exist_ok=True)
             held.enter_context(exclusive_lock(run_dir / LOCK_NAME, f"run folder {run_dir}"))
-            resume = check_run_folder(run_dir, run)
+            resume_step = check_run_folder(run_dir, run)
+            resume = resume_step is not None
             if not resume and run.ckpt.path is not None:
                 locate_checkpoint(run.ckpt.path)  # a missing checkpoint fails before data prep
             prepared = data_api.prepare_data(run.data, context, run.data.cache_dir)
@@ -187,11 +191,15 @@ def finetune_this_rank(run: RunConfig) -> dict:
                 if resume
                 else prepare_shared_base_checkpoint(run.ckpt, run.model, run.paths.cache_dir)
             )
+            if base is not None:
+                # DeepSpeed unpickles with weights_only=False: verify the cached copy first
+                verify_step_dir(locate_checkpoint(base).step_dir)
             if not resume:
                 write_text_atomic(run_dir / RUN_CONFIG, config_yaml(run))
-            return resume, prepared, base
+            return resume_step, prepared, base
 
-        resume, prepared, base = _on_rank0_then_share(dist, prepare)
+        resume_step, prepared, base = _on_rank0_then_share(dist, prepare)
+        resume = resume_step is not None
         conditions = dict(prepared.condition_tokens)
 
         # Model: same seed on every rank (identical fresh weights where no checkpoint covers them).
@@ -216,10 +224,9 @@ def finetune_this_rank(run: RunConfig) -> dict:
 
         start_step, last_saved = 0, None
         if resume:
-            step_dir = saving.latest_step_dir(run_dir)
-            client = saving.load_training_checkpoint(engine, step_dir, dist.rank)
+            client = saving.load_training_checkpoint(engine, resume_step, dist.rank)
             start_step = last_saved = int(client["iteration"])
-            log.info("resuming from %s (step %d of %d)", step_dir, start_step, train.steps)
+            log.info("resuming from %s (step %d of %d)", resume_step, start_step, train.steps)
         else:
             _seed_everything(run.seed + dist.rank)  # per-rank streams of randomness from here on
             if base is not None and not zero3:
@@ -338,16 +345,16 @@ def check_inputs(run: RunConfig) -> None:
     judged: a typo in data.input is reported as such, not as a folder conflict."""
     from evo2_hydra.config import DataConfig
     from evo2_hydra.data.indexed import is_indexed_prefix
-    from evo2_hydra.data.jsonl import is_jsonl
+    from evo2_hydra.data.preprocess import is_sequence_file
 
     for key in ("input", "valid_input", "test_input"):
         for path in DataConfig.as_list(getattr(run.data, key)):
-            if is_jsonl(path) and not Path(path).is_file():
+            if is_sequence_file(path) and not Path(path).is_file():
                 raise UserError(f"data.{key}: {path} does not exist")
-            if not is_jsonl(path) and not is_indexed_prefix(path):
+            if not is_sequence_file(path) and not is_indexed_prefix(path):
                 raise UserError(
-                    f"data.{key}: {path} is neither a .jsonl/.jsonl.gz file nor a BIN/IDX prefix "
-                    f"(expected {path}.bin and {path}.idx)"
+                    f"data.{key}: {path} is neither a sequence file (.jsonl[.gz], "
+                    f".fa/.fasta/.fna[.gz]) nor a BIN/IDX prefix (expected {path}.bin and {path}.idx)"
                 )
 
 

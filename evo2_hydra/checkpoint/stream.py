@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from evo2_hydra.checkpoint.bulk_io import BulkFile
+from evo2_hydra.checkpoint.hub import resolved_sources
 from evo2_hydra.checkpoint.writer import tensor_crc32
-from evo2_hydra.convert.bulk_io import BulkFile
 
 # dtype -> the legacy typed-storage class torch.save records (what torch.load maps back to a dtype).
 _STORAGE_TYPES = {
@@ -317,6 +318,8 @@ def write_manifest(
         },
         **(dict(extra) if extra else {}),
     }
+    if hub_sources := resolved_sources():  # checkpoints read from the Hub, pinned to commits
+        manifest["hub"] = hub_sources
     path = out_dir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     return path
