@@ -41,7 +41,9 @@ from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint, upper_ids
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2
+from evo2_hydra.model.chunked import prefill_chunked
 from evo2_hydra.model.decode import decode_step, prefill, repeat_batch
+from evo2_hydra.outputs import check_new_output, default_output
 from evo2_hydra.score import load_scoring_model, pick_device
 
 log = logging.getLogger(__name__)
@@ -102,20 +104,26 @@ def generate_tokens(
     *,
     cached: bool = True,
     stop_token: int | None = None,
+    chunk_tokens: int = 0,
 ) -> list[Generated]:
     """Continue `prompt_ids` in `n` parallel sequences by up to `length` tokens.
 
     `choose(logits [n, V] float32 CPU) -> [n]` picks each next token. With `cached`, the prompt is
     prefilled once and each token is one `decode_step`; otherwise the whole prefix is re-run per
     token (the reference the cached path is tested against). A sequence that emits `stop_token`
-    is finished; the batch stops when all are.
+    is finished; the batch stops when all are. `chunk_tokens` > 0 prefills a longer prompt in
+    exact chunks of that many tokens (bounded memory; model/chunked.py).
     """
     device = model.embedding.weight.device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device).expand(n, -1)
     if cached:  # the prompt is shared: prefill it once, then copy the states n times
-        cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+        if chunk_tokens and chunk_tokens < ids.shape[1]:
+            cache, last = prefill_chunked(model, ids[:1], ids.shape[1] + length, chunk_tokens)
+        else:
+            cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+            last = logits[:, -1]
         cache = repeat_batch(cache, n)
-        last = logits[:, -1].expand(n, -1)
+        last = last.expand(n, -1)
     else:
         last = model(ids)[:, -1]
     chosen: list[torch.Tensor] = []
@@ -282,20 +290,11 @@ def prompt_list(
 # ------------------------------------------------------------------------------ the task
 
 
-def _output_folder(settings: GenerateConfig, run_dir: str) -> Path:
+def _output_folder(settings: GenerateConfig, run: RunConfig) -> Path:
     if settings.output:
-        output = Path(settings.output)
-        if output.exists() and any(output.iterdir()):
-            raise UserError(
-                f"generate.output={output} already exists and is not empty; choose a new folder"
-            )
-        return output
-    base = Path(run_dir) / "generations" / time.strftime("%Y%m%d-%H%M%S")
-    output, k = base, 0
-    while output.exists():
-        k += 1
-        output = base.with_name(f"{base.name}-{k}")
-    return output
+        return check_new_output(Path(settings.output), "generate.output")
+    # the checkpoint's own run folder (or one named after it), a fresh folder per call
+    return default_output(run.ckpt.path, run.paths.output_root, "generations")
 
 
 def _fasta(rows: list[dict]) -> str:
@@ -347,7 +346,7 @@ def run_generate(run: RunConfig) -> Path | None:
     source = describe_source(run.ckpt, run.model, run.data)
     policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)
     prompts = prompt_list(settings, source, policy)  # every input check before loading weights
-    output = _output_folder(settings, run.output_dir)
+    output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
     dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
     model = load_scoring_model(source.model, run.ckpt, dtype, device)
@@ -368,6 +367,10 @@ def run_generate(run: RunConfig) -> Path | None:
         if device.type == "cpu"
         else contextlib.nullcontext()
     )
+    from evo2_hydra.infer.common import resolve_chunk
+
+    longest = max(len(ids) for _, _, ids in prompts)
+    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, longest)
     started = time.perf_counter()
     generated: list[Generated] = []
     prompt_of: list[tuple[object, str]] = []  # (prompt id, prompt text) per generated sequence
@@ -383,6 +386,7 @@ def run_generate(run: RunConfig) -> Path | None:
                     lambda logits: sample_next(logits, settings, allowed, generator),
                     cached=settings.cached,
                     stop_token=stop,
+                    chunk_tokens=chunk,
                 )
                 prompt_of += [(prompt_id, prompt_text)] * batch
     seconds = time.perf_counter() - started

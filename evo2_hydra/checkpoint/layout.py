@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evo2_hydra.checkpoint.hub import local_checkpoint_path
+from evo2_hydra.checkpoint.megatron import detect_megatron
 from evo2_hydra.checkpoint.parts import part_set, part_sets_in
 from evo2_hydra.errors import UserError
 
@@ -146,6 +147,10 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
     source = local_checkpoint_path(path)  # hf://ORG/REPO[@REV][/FILE] -> its cached file (hub.py)
     if (parts := part_set(source)) is not None:  # NAME.pt.part0..N, read as one file (parts.py)
         return CheckpointLocation(source, "file", None, None, [parts.parts[0]])
+    if (megatron := detect_megatron(source)) is not None:  # NeMo2 / Megatron-Bridge (megatron.py)
+        return CheckpointLocation(
+            source, "megatron", None, megatron.iteration, [megatron.weights / "metadata.json"]
+        )
     if not source.exists():
         raise UserError(f"ckpt.path={source}: no such file or folder")
     if source.is_file():

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.loader import is_vortex_state, load_shards
+from evo2_hydra.checkpoint.megatron import detect_megatron
 from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
 from evo2_hydra.checkpoint.run_dir import SavedRun, read_bounded, read_saved_run
 from evo2_hydra.checkpoint.safe_load import safe_load
@@ -49,7 +50,9 @@ class Source:
         return merged_shapes(per_shard)
 
     def describe(self) -> str:
-        return self.location.describe() if self.location is not None else f"{self.path} (vortex)"
+        return (
+            self.location.describe() if self.location is not None else f"{self.path} ({self.kind})"
+        )
 
 
 class MergedModule(Mapping):
@@ -68,12 +71,19 @@ class MergedModule(Mapping):
         return len(self.shards[0])
 
 
-def refuse_nemo_source(path: Path) -> None:
-    if (path / "weights" / "metadata.json").is_file() or (path / "context" / "io.json").is_file():
-        raise UserError(
-            f"source={path} is a NeMo2 checkpoint; convert.py reads savanna, ZeRO-3 and vortex "
-            "checkpoints (export to NeMo from the savanna or vortex file instead)"
-        )
+def megatron_source(conv: ConvertConfig, ck: Any, path: Path) -> Source:
+    """A NeMo2 / MBridge checkpoint as a source: imported to savanna, model from its metadata."""
+    from evo2_hydra.checkpoint.megatron import import_megatron
+
+    chosen = _cli_model_choice()
+    module, model = import_megatron(ck, conv.model, chosen_on_cli=chosen is not None)
+    # Its hcm filters are stored at 128 taps (NeMo) or the training width (MBridge): no preset's
+    # source context; the preset's MLP width / RoPE scaling come from the checkpoint itself.
+    ckpt = dataclasses.replace(
+        conv.ckpt, model=None, source_context=None, mlp_inner_size=None, rope_scaling_factor=None
+    )
+    check_model_ckpt(model, ckpt)
+    return Source(None, ck.kind, [module], model, ckpt, max(1, ck.iteration or 1), {}, None, path)
 
 
 def _cli_model_choice() -> str | None:
@@ -105,7 +115,8 @@ def saved_model(saved: SavedRun) -> ModelConfig:
 
 def load_source(conv: ConvertConfig, path: Path) -> Source:
     """Locate and open the source (memory-mapped), and settle the model it belongs to."""
-    refuse_nemo_source(path)
+    if (megatron := detect_megatron(path)) is not None:  # NeMo2 / Megatron-Bridge (megatron.py)
+        return megatron_source(conv, megatron, path)
     ckpt = dataclasses.replace(conv.ckpt)
     model = dataclasses.replace(conv.model)
     if path.is_file():

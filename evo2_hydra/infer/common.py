@@ -156,6 +156,18 @@ def device_for_rank(device: torch.device) -> torch.device:
     return device
 
 
+def cpu_threads_for(device: torch.device, cfg: ModelConfig):
+    """On the CPU, one thread for narrow models (their ops are too small to split; 2 threads ran
+    a 200-token evo2_tiny forward ~30x slower on a busy 2-core machine); restored afterwards."""
+    import contextlib
+
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    from evo2_hydra.generate import cpu_threads
+
+    return cpu_threads(0, cfg.hidden_size)
+
+
 def progress(total: int, desc: str):
     """A tqdm bar on stderr (off on secondary ranks and when EVO2_NO_PROGRESS=1)."""
     from tqdm import tqdm

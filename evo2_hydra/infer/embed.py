@@ -219,7 +219,8 @@ def run_embed(run: RunConfig) -> Path:
         from evo2_hydra.score import load_scoring_model
 
         model = load_scoring_model(source.model, run.ckpt, dtype, device)
-        _embed_into(model, source.model, items, settings, layers, folder)
+        with common.cpu_threads_for(device, source.model):
+            _embed_into(model, source.model, items, settings, layers, folder)
         (folder / "embed.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
 
     out = run_sharded(
