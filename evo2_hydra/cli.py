@@ -28,6 +28,8 @@ TASKS: dict[Task, str] = {
     Task.plan: "evo2_hydra.plan:run_plan",
     Task.score: "evo2_hydra.score:run_score",
     Task.generate: "evo2_hydra.generate:run_generate",
+    Task.embed: "evo2_hydra.infer.embed:run_embed",
+    Task.vep: "evo2_hydra.infer.vep:run_vep",
 }
 CONVERT = "evo2_hydra.convert.run:run_convert"
 

@@ -35,6 +35,8 @@ class Task(str, Enum):
     plan = "plan"
     score = "score"
     generate = "generate"
+    embed = "embed"
+    vep = "vep"
 
 
 class Packing(str, Enum):
@@ -54,6 +56,23 @@ class ToUpper(str, Enum):
 class OnError(str, Enum):
     fail = "fail"
     skip = "skip"
+
+
+class Alphabet(str, Enum):  # a sequence holding characters outside data.charset (docs/data.md)
+    error = "error"  # one line naming file, line/record and character; exit 2
+    skip = "skip"  # leave the record out, counted in the summary
+    keep = "keep"  # keep its bytes as tokens, counted (bytes 0/1 = EOD/PAD are still refused)
+
+
+class Charset(str, Enum):
+    printable = "printable"  # ASCII 32..126: bases, N, IUPAC codes, phylogenetic tags
+    iupac = "iupac"  # A C G T U N + IUPAC ambiguity codes, either case
+
+
+class ReverseComplement(str, Enum):
+    none = "none"
+    both = "both"  # each window and its reverse complement (twice the documents)
+    random = "random"  # each window or its reverse complement, a seeded choice per window
 
 
 class Precision(str, Enum):
@@ -98,6 +117,17 @@ class OutputFormat(str, Enum):
 class ScoreDtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
+
+
+class EmbedPool(str, Enum):
+    mean = "mean"  # average over every position of the sequence
+    last = "last"  # the last position (it has seen the whole sequence)
+    none = "none"  # every position: one [L, D] array per sequence
+
+
+class SaveDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
 
 
 class TargetKind(str, Enum):
@@ -228,18 +258,47 @@ class CkptConfig:
 
 @dataclass
 class ConditionConfig:
-    """Prepend a conditioning token chosen by a JSONL field (e.g. clade A -> '1')."""
+    """Prepend a conditioning token chosen per record (e.g. clade A -> '1').
+
+    The class name comes from a JSONL field (`field`), or for FASTA from the header
+    (`header_regex`, one group) or a two-column TSV `id<TAB>class` (`tsv`).
+    """
 
     # (`tokens` comes first: the attribute `field` would shadow dataclasses.field below it)
     tokens: dict[str, str] = field(default_factory=dict)  # class name -> single-byte token
     field: str | None = (
         None  # JSONL field holding the class name; None = sequences used as they are
     )
+    header_regex: str | None = None  # FASTA: regex on the header line (after '>'), one group
+    tsv: str | None = None  # FASTA: TSV file, record id <TAB> class name (no header row)
+
+    @property
+    def enabled(self) -> bool:
+        return self.field is not None or self.header_regex is not None or self.tsv is not None
+
+    def __post_init__(self) -> None:
+        if self.header_regex is not None:
+            import re
+
+            try:
+                groups = re.compile(self.header_regex).groups
+            except re.error as err:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r}: not a regex ({err})"
+                ) from None
+            if groups != 1:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r} has {groups} groups; "
+                    "expected exactly one (the class name)"
+                )
+            if self.tsv is not None:
+                raise ConfigError("data.condition: give header_regex or tsv, not both")
 
 
 @dataclass
 class DataConfig:
-    # Training input: JSONL (.jsonl / .jsonl.gz) path(s), or BIN/IDX prefix(es). One path or a list.
+    # Training input: JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz], bgzip too) path(s), or
+    # BIN/IDX prefix(es). One path or a list.
     input: Any = None
     valid_input: Any = None  # validation input(s); None = carve it out of `input` with `split`
     test_input: Any = None
@@ -251,7 +310,20 @@ class DataConfig:
     text_key: str = "text"
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     truncate: bool = False  # padded mode: cut documents longer than the context instead of failing
-    on_error: OnError = OnError.fail  # bad JSONL lines: fail, or skip and count them
+    # bad JSONL lines / FASTA records: fail, or skip and count them
+    on_error: OnError = OnError.fail
+    # Characters outside data.charset: error | skip the record | keep (docs/data.md, text policy).
+    alphabet: Alphabet = Alphabet.error
+    charset: Charset = Charset.printable
+    # Cut records longer than `window` characters into windows starting every `stride` characters
+    # (overlap = window - stride). null = records as they are; 0 = fit ckpt.context (minus the
+    # conditioning token and EOD). A last window shorter than `window` is kept unless
+    # keep_partial_window=false.
+    window: int | None = None
+    stride: int | None = None  # null = window (no overlap)
+    keep_partial_window: bool = True
+    reverse_complement: ReverseComplement = ReverseComplement.none  # augmentation at preprocessing
+    reverse_complement_seed: int = 1234  # reverse_complement=random: which windows are flipped
     to_upper: ToUpper = ToUpper.normalized_weighted
     lowercase_weight: float = 0.1  # loss weight of lowercase labels (to_upper weighted modes)
     mask_control_tags: bool = True  # drop phylogenetic tag spans from the loss (savanna §5.3)
@@ -270,6 +342,18 @@ class DataConfig:
                 raise ConfigError(
                     f"data.condition.tokens.{name}={token!r}: a conditioning token must be one byte"
                 )
+            if str(token) in ("\x00", "\x01"):
+                raise ConfigError(
+                    f"data.condition.tokens.{name}: bytes 0 and 1 are the EOD and PAD tokens"
+                )
+        if self.window is not None and self.window < 0:
+            raise ConfigError(
+                f"data.window={self.window}: expected a length, 0 (fit the context) or null"
+            )
+        if self.stride is not None and (self.stride <= 0 or self.window is None):
+            raise ConfigError(
+                f"data.stride={self.stride}: expected a positive step, together with data.window"
+            )
 
     @staticmethod
     def as_list(value: Any) -> list[str]:
@@ -382,20 +466,32 @@ class PlanConfig:
     force: bool = False  # submit even when the memory plan says the run does not fit
 
 
+def check_chunk_tokens(section: str, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(
+            f"{section}.chunk_tokens={value}: expected a positive number of tokens, 0 (never "
+            "chunk) or null (automatic)"
+        )
+
+
 @dataclass
 class ScoreConfig:
-    input: str | None = None  # JSONL with sequences to score
+    input: str | None = None  # JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz]) of sequences
     output: str | None = None  # output folder (must not exist yet); None = <run folder>/score
-    text_key: str = "text"  # JSONL field holding the sequence
+    text_key: str = "text"  # JSONL field holding the sequence (FASTA: the record's sequence)
     logits: bool = False  # also write [L, 512] float32 logits per sequence (.npy)
     dtype: ScoreDtype = ScoreDtype.float32
     batch_size: int = 1  # sequences per forward pass (right-padded; causal, so padding is inert)
     reverse_complement: bool = False  # average with the reverse complement's score
     log_probs: bool = False  # also write per-position log-probabilities [L-1] float32 (.npy)
+    # tokens per forward chunk (exact: states carried between chunks, memory bounded by the KV
+    # cache); None = automatic (chunk only when the whole forward would not fit), 0 = never
+    chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ConfigError(f"score.batch_size={self.batch_size}: must be positive")
+        check_chunk_tokens("score", self.chunk_tokens)
 
 
 @dataclass
@@ -415,8 +511,11 @@ class GenerateConfig:
     # 2 threads made evo2_tiny ~17x slower), else torch's default
     cpu_threads: int = 0
     output: str | None = None  # output folder; None = <run folder>/generations/<time>
+    # prompt prefill in chunks of this many tokens (None = automatic, 0 = one pass)
+    chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        check_chunk_tokens("generate", self.chunk_tokens)
         for key in ("n", "length", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"generate.{key}={getattr(self, key)}: must be positive")
@@ -428,6 +527,49 @@ class GenerateConfig:
             raise ConfigError(f"generate.top_k={self.top_k}: must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"generate.top_p={self.top_p}: expected a value in (0, 1]")
+
+
+@dataclass
+class EmbedConfig:
+    input: str | None = None  # JSONL with sequences (as score.input)
+    output: str | None = None  # output folder; None = <run folder>/embed/<time> for our runs
+    text_key: str = "text"  # JSONL field holding the sequence
+    # vortex / evo2-package module names: embedding_layer, blocks.N (block output, after the MLP
+    # residual add), blocks.N.mlp.l3 (= blocks.N.mlp: MLP output before the add), norm (final norm)
+    layers: list[str] = field(default_factory=list)
+    pool: EmbedPool = EmbedPool.mean
+    dtype: ScoreDtype = ScoreDtype.float32  # compute dtype of the model
+    save_dtype: SaveDtype = SaveDtype.float32  # dtype of the written arrays
+    # also embed the reverse complement: pooled -> [forward | reverse] concatenated to 2D columns;
+    # none -> a separate array per sequence in the reverse complement's own order
+    reverse_complement: bool = False
+    batch_size: int = 8  # sequences per forward pass, grouped by length
+    chunk_tokens: int | None = None  # as score.chunk_tokens
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"embed.batch_size={self.batch_size}: must be positive")
+        check_chunk_tokens("embed", self.chunk_tokens)
+
+
+@dataclass
+class VepConfig:
+    reference: str | None = None  # FASTA or bgzip FASTA.gz (indexed with pysam: .fai/.gzi)
+    variants: str | None = None  # VCF / VCF.gz, or TSV/CSV with columns chrom,pos,ref,alt (1-based)
+    window: int = 8192  # tokens around each variant (BRCA1 notebook: seq[p - w//2 : p + w//2])
+    output: str | None = None  # output folder; None = <run folder>/vep/<time> for our runs
+    on_mismatch: OnError = OnError.fail  # a REF that differs from the reference: fail, or skip
+    reverse_complement: bool = False  # also score both windows' reverse complements
+    dtype: ScoreDtype = ScoreDtype.float32
+    chunk_tokens: int | None = None  # as score.chunk_tokens
+    # continue the alternative window from the reference's state at the variant (exact, less work);
+    # false: score both windows from scratch (the reference the shared path is tested against)
+    share_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.window < 2:
+            raise ConfigError(f"vep.window={self.window}: must be at least 2 tokens")
+        check_chunk_tokens("vep", self.chunk_tokens)
 
 
 @dataclass
@@ -475,6 +617,8 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    vep: VepConfig = field(default_factory=VepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:

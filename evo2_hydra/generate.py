@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf import OmegaConf
 
 from evo2_hydra.config import (
     CkptConfig,
@@ -49,8 +47,6 @@ log = logging.getLogger(__name__)
 
 EOD = 0  # CharLevelTokenizer end of document
 PRINTABLE = range(32, 127)  # the byte values prompts may hold and sampling may produce
-CONDITIONS_FILE = "conditions.json"  # written by the finetune run next to each checkpoint
-SAVED_CONFIG = ("configs/config.yaml",)  # relative to the step folder
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -159,45 +155,6 @@ class GenerationSource:
     checkpoint: dict = field(default_factory=dict)  # what the output records about the weights
 
 
-def _saved_run_config(location) -> tuple[dict | None, Path | None]:
-    """Our checkpoints carry the run config: in the step folder, else in the run folder."""
-    candidates = []
-    if location.step_dir is not None:
-        candidates += [location.step_dir / rel for rel in SAVED_CONFIG]
-        candidates.append(location.step_dir.parent.parent / "config.yaml")  # run/checkpoints/step
-    if location.source.is_dir():
-        candidates.append(location.source / "config.yaml")
-    for path in candidates:
-        if path.is_file():
-            try:
-                saved = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as err:
-                raise UserError(f"{path}: not valid YAML ({err})") from None
-            if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
-                return saved, path
-    return None, None
-
-
-def _model_from_saved(saved: dict, path: Path) -> ModelConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved["model"])
-        return OmegaConf.to_object(merged)
-    except Exception as err:  # noqa: BLE001 - any schema problem is a bad file
-        raise UserError(
-            f"{path}: the saved `model` section does not fit the schema ({err})"
-        ) from None
-
-
-def _read_conditions(path: Path) -> dict[str, str]:
-    try:
-        mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
-    if not isinstance(mapping, dict):
-        raise UserError(f"{path}: expected an object of class name -> token")
-    return {str(k): str(v) for k, v in mapping.items()}
-
-
 def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> GenerationSource:
     """Locate `ckpt.path` and collect model, context, EOD use and conditioning mapping."""
     if not ckpt.path:
@@ -205,6 +162,7 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
             "task=generate needs ckpt.path (a run folder, a savanna checkpoint or a vortex .pt)"
         )
     from evo2_hydra.checkpoint import locate_checkpoint
+    from evo2_hydra.checkpoint.run_dir import read_saved_run
 
     location = locate_checkpoint(ckpt.path)
     record = {
@@ -212,7 +170,7 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
         "resolved": location.describe(),
         "iteration": location.iteration,
     }
-    saved, saved_path = _saved_run_config(location)
+    saved = read_saved_run(location)
     if saved is None:
         conditions = (
             {str(k): str(v) for k, v in data.condition.tokens.items()}
@@ -222,28 +180,22 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
         return GenerationSource(
             model, ckpt.context, data.append_eod, conditions, "the command line", record
         )
-    saved_model = _model_from_saved(saved, saved_path)
+    saved_model = saved.model()
     if saved_model.name != model.name:
         log.info(
             "using the run's model %s (saved in %s), not model=%s",
             saved_model.name,
-            saved_path,
+            saved.config_path,
             model.name,
         )
-    saved_data = saved.get("data") or {}
-    conditions_file = location.step_dir / CONDITIONS_FILE if location.step_dir else None
-    if conditions_file is not None and conditions_file.is_file():
-        conditions = _read_conditions(conditions_file)
-    else:
-        cond = saved_data.get("condition") or {}
-        conditions = dict(cond.get("tokens") or {}) if cond.get("field") else {}
-    record["run_config"] = str(saved_path)
+    context, append_eod = saved.context, saved.append_eod
+    record["run_config"] = str(saved.config_path)
     return GenerationSource(
         model=saved_model,
-        context=int((saved.get("ckpt") or {}).get("context", ckpt.context)),
-        append_eod=bool(saved_data.get("append_eod", data.append_eod)),
-        conditions={str(k): str(v) for k, v in conditions.items()},
-        facts_from=str(saved_path),
+        context=ckpt.context if context is None else context,
+        append_eod=data.append_eod if append_eod is None else append_eod,
+        conditions=saved.conditions(),
+        facts_from=str(saved.config_path),
         checkpoint=record,
     )
 

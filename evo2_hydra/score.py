@@ -108,7 +108,8 @@ def load_scoring_model(
         )
     from evo2_hydra.checkpoint import load_module_state_dict
 
-    state, _meta = load_module_state_dict(ckpt.path, trust_pickle=ckpt.trust_pickle)
+    # finite=True: NaN/Inf weights would make every score NaN without a word
+    state, _meta = load_module_state_dict(ckpt.path, trust_pickle=ckpt.trust_pickle, finite=True)
     if ckpt.interleave_legacy:
         from evo2_hydra.checkpoint.legacy import interleave_legacy_projections
 
@@ -200,6 +201,17 @@ def _score_all(model, records, batch_size, outputs: ScoreOutputs, rc: bool) -> l
     return rows
 
 
+def json_line(row: dict, source: Path) -> str:
+    """One scores.jsonl row; a NaN/Inf score is an error, never written (bare NaN is not JSON)."""
+    try:
+        return json.dumps(row, allow_nan=False)
+    except ValueError:
+        raise UserError(
+            f"{source}: the score of record {row['index']} (id {row['id']!r}) is not finite; "
+            "the model's outputs overflowed (try score.dtype=float32)"
+        ) from None
+
+
 def run_score(run: RunConfig) -> Path:
     """Score every sequence of `score.input`; returns the output folder."""
     score: ScoreConfig = run.score
@@ -227,6 +239,6 @@ def run_score(run: RunConfig) -> Path:
         rows = _score_all(model, records, score.batch_size, outputs, score.reverse_complement)
         with (tmp / "scores.jsonl").open("w") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row, Path(score.input)) + "\n")
     log.info("wrote %d scores to %s", len(rows), output / "scores.jsonl")
     return output

@@ -152,7 +152,7 @@ def resize_to_dir(
     Each shard's tensors are read from its memory map only while that shard is written. With
     `merge`, MP shards are concatenated into one MP=1 file (needed to train at MP=1).
     """
-    from evo2_hydra.convert.stream import TorchSaveStream  # the conversion package's writer
+    from evo2_hydra.checkpoint.stream import TorchSaveStream  # the conversion package's writer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -177,7 +177,7 @@ def resize_to_dir(
                 out = _transform(module, context, pad_to=pad_to, allocator=allocator, fit=fit)
                 payload = model_state_payload(out, iteration=iteration, mp=mp, extra={"args": args})
                 # torch.save's format, tensor by tensor; unchanged tensors of a source loaded in
-                # a tracking_mapped_files() block are copied file to file (convert/bulk_io.py).
+                # a tracking_mapped_files() block are copied file to file (checkpoint/bulk_io.py).
                 with TorchSaveStream(step_tmp / mp_file_name(rank)) as stream:
                     stream.finish(payload)
                 del out, payload, module

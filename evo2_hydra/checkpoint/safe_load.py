@@ -27,6 +27,14 @@ from evo2_hydra.errors import UserError
 log = logging.getLogger(__name__)
 
 
+class UnsafePickleError(UserError):
+    """The file's pickle would run code (or build objects) outside the allowlist: never loaded.
+
+    Unlike a damaged file this is not an accident, so callers must not quietly fall back to an
+    older checkpoint: the run stops and the file stays for the user to inspect.
+    """
+
+
 def _numpy_globals() -> list[Any]:
     """numpy objects found in savanna's `np_rng_state` (numpy 1.x and 2.x module paths)."""
     core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
@@ -145,7 +153,7 @@ def safe_load(path: str | Path, *, trust_pickle: bool = False, mmap: bool = True
     allow += _deepspeed_globals(unsafe)
     refused = sorted(set(unsafe) - _allowed_names(allow))
     if refused:
-        raise UserError(
+        raise UnsafePickleError(
             f"{path}: refused to load: the file's pickle names {', '.join(refused)}, which could run "
             "code and is not on the allowlist of savanna/DeepSpeed contents. If you trust this file, "
             "set ckpt.trust_pickle=true"
@@ -176,7 +184,7 @@ def _torch_load(
                 f"{path}: not a readable torch checkpoint (truncated or corrupt?): {detail}"
             ) from err
         # Legacy (non-zip) files skip the pre-check above; name what was refused.
-        raise UserError(
+        raise UnsafePickleError(
             f"{path}: refused to load ({detail}); set ckpt.trust_pickle=true only if you trust it"
         ) from err
     except RuntimeError as err:

@@ -31,9 +31,9 @@ from evo2_hydra.checkpoint.resize import (
     is_context_key,
     resize_hcm_tensor,
 )
+from evo2_hydra.checkpoint.stream import TensorRef, TorchSaveStream, conversion_progress
 from evo2_hydra.checkpoint.writer import MANIFEST, mp_file_name, step_tag
 from evo2_hydra.config import CastDtype, ModelConfig
-from evo2_hydra.convert.stream import TensorRef, TorchSaveStream, conversion_progress
 from evo2_hydra.errors import UserError
 
 CAST_DTYPES = {CastDtype.bfloat16: torch.bfloat16, CastDtype.float32: torch.float32}

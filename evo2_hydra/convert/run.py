@@ -13,11 +13,11 @@ import logging
 import time
 from pathlib import Path
 
+from evo2_hydra.checkpoint import bulk_io
 from evo2_hydra.checkpoint.hub import local_checkpoint_path
-from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR
+from evo2_hydra.checkpoint.layout import newest_run
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
-from evo2_hydra.convert import bulk_io
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger("evo2_hydra.convert")
@@ -27,23 +27,6 @@ TARGETS: dict[TargetKind, str] = {
     TargetKind.vortex: "evo2_hydra.convert.targets:convert_vortex",
     TargetKind.nemo: "evo2_hydra.convert.targets:convert_nemo",
 }
-
-
-def newest_run(output_root: Path) -> Path:
-    """The run folder under `output_root` whose `checkpoints/latest` was written last."""
-    candidates = [
-        p.parent.parent
-        for p in output_root.rglob(f"{RUN_CHECKPOINT_SUBDIR}/{LATEST}")
-        if p.is_file() and p.parent.name == RUN_CHECKPOINT_SUBDIR
-    ]
-    if not candidates:
-        raise UserError(
-            f"source is not set and no run with checkpoints was found under paths.output_root={output_root}; "
-            "give source=PATH"
-        )
-    return max(
-        candidates, key=lambda run: (run / RUN_CHECKPOINT_SUBDIR / LATEST).stat().st_mtime_ns
-    )
 
 
 def resolve_source(conv: ConvertConfig) -> Path:
@@ -91,7 +74,7 @@ def run_convert(conv: ConvertConfig) -> Path:
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UserError(f"output={output} is inside source={source}; the source is never modified")
     # Sources loaded in this block are registered with their file offsets, so tensors that a
-    # target writes unchanged are copied file to file (convert/bulk_io.py).
+    # target writes unchanged are copied file to file (checkpoint/bulk_io.py).
     with tracking_mapped_files():
         started, before = time.perf_counter(), bulk_io.totals()
         result = convert(conv, source, output)

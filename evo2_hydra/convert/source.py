@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.loader import is_vortex_state, load_shards
 from evo2_hydra.checkpoint.megatron import detect_megatron
 from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
+from evo2_hydra.checkpoint.run_dir import SavedRun, read_bounded, read_saved_run
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.config import CkptConfig, ConvertConfig, ModelConfig, check_model_ckpt
 from evo2_hydra.errors import UserError
@@ -102,20 +101,14 @@ def _cli_model_choice() -> str | None:
     return None
 
 
-def saved_model(run_config_yaml: str, where: str) -> ModelConfig | None:
-    """The model section of a saved run config as a validated ModelConfig (None if it has none)."""
-    saved = yaml.safe_load(run_config_yaml)
-    section = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(section, dict):
-        log.info("%s holds no model section; the model comes from model=/ckpt=", where)
-        return None
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), section)
-    model: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+def saved_model(saved: SavedRun) -> ModelConfig:
+    """The model of a saved run config as a validated ModelConfig; refuses another `model=`."""
+    model = saved.model()
     chosen = _cli_model_choice()
     if chosen is not None and chosen != model.name:
         raise UserError(
             f"model={chosen} on the command line, but the checkpoint was trained with model={model.name} "
-            f"({where}); drop model= (the saved config is used)"
+            f"({saved.config_path}); drop model= (the saved config is used)"
         )
     return model
 
@@ -129,7 +122,10 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
     if path.is_file():
         obj = safe_load(path, trust_pickle=conv.ckpt.trust_pickle)
         if isinstance(obj, dict) and is_vortex_state(obj):
-            from evo2_hydra.convert.vortex import vortex_operator_pattern, vortex_to_savanna
+            from evo2_hydra.checkpoint.adapters.vortex import (
+                vortex_operator_pattern,
+                vortex_to_savanna,
+            )
 
             pattern = vortex_operator_pattern(obj)
             if pattern != model.operator_pattern:
@@ -144,7 +140,7 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
         del obj
     location = locate_checkpoint(path)
     if location.is_zero3:  # gathered lazily, tensor by tensor, while the target writes
-        from evo2_hydra.convert.zero3 import zero3_modules
+        from evo2_hydra.checkpoint.zero3 import zero3_modules
 
         shards: list[Mapping[str, Any]] = list(
             zero3_modules(location, trust_pickle=conv.ckpt.trust_pickle)
@@ -153,14 +149,10 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
     else:
         tops = load_shards(location, trust_pickle=conv.ckpt.trust_pickle)
         shards, first = [t["module"] for t in tops], tops[0]
-    run_config = None
-    if location.step_dir is not None and (location.step_dir / "configs" / "config.yaml").is_file():
-        run_config = (location.step_dir / "configs" / "config.yaml").read_text()
-    saved = None
-    if run_config is not None:
-        saved = saved_model(run_config, str(location.step_dir / "configs" / "config.yaml"))
-    if saved is not None:
-        model = saved
+    saved_run = read_saved_run(location)
+    run_config = read_bounded(saved_run.config_path) if saved_run is not None else None
+    if saved_run is not None:
+        model = saved_model(saved_run)
         # The saved model already carries its preset's patches (MLP width, RoPE scaling); the
         # command line's preset no longer applies, only ckpt.context (the resize target) does.
         ckpt = dataclasses.replace(

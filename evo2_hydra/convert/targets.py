@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evo2_hydra.checkpoint import nemo_io
+from evo2_hydra.checkpoint.adapters import nemo as nemo_format
+from evo2_hydra.checkpoint.adapters import vortex as vortex_format
 from evo2_hydra.checkpoint.prepare import check_checkpoint
 from evo2_hydra.checkpoint.resize import context_width
-from evo2_hydra.config import ConvertConfig, ModelConfig
-from evo2_hydra.convert import nemo as nemo_format
-from evo2_hydra.convert import vortex as vortex_format
-from evo2_hydra.convert.source import Source, load_source
-from evo2_hydra.convert.stream import (
+from evo2_hydra.checkpoint.stream import (
     BackgroundCrc32,
     TorchSaveStream,
     conversion_progress,
@@ -33,6 +32,8 @@ from evo2_hydra.convert.stream import (
     tensor_nbytes,
     write_manifest,
 )
+from evo2_hydra.config import ConvertConfig, ModelConfig
+from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.verify import max_logit_difference, should_verify
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
@@ -136,7 +137,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
     cfg = src.model
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         progress = conversion_progress(
-            nemo_format.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
+            nemo_io.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
         )
         crcs: dict[str, Future] = {}
         checksums = BackgroundCrc32()
@@ -146,7 +147,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             progress.update(tensor_nbytes(tensor))
 
         with progress, contextlib.closing(checksums):
-            written = nemo_format.write_nemo_checkpoint(
+            written = nemo_io.write_nemo_checkpoint(
                 tmp,
                 state,
                 cfg,
@@ -158,7 +159,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             )
 
         def reimport():
-            weights = nemo_format.read_nemo_weights(tmp / "weights", conv.nemo.format)
+            weights = nemo_io.read_nemo_weights(tmp / "weights", conv.nemo.format)
             return nemo_format.nemo_to_savanna(weights, cfg)
 
         diff = _verify(conv, src, state, reimport)

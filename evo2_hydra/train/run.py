@@ -12,6 +12,7 @@ Starting the same command again in the same folder continues from `checkpoints/l
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import time
@@ -59,9 +60,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved_yaml: str, run: RunConfig) -> list[str]:
+def config_differences(saved: dict, run: RunConfig) -> list[str]:
     """Keys (with both values) where the run folder's config and this run's config differ."""
-    saved = yaml.safe_load(saved_yaml) or {}
     now = yaml.safe_load(config_yaml(run))
     diffs = []
     for section in IDENTITY_SECTIONS:
@@ -82,31 +82,33 @@ def _archive_previous(run_dir: Path) -> Path:
     return dest
 
 
-def check_run_folder(run_dir: Path, run: RunConfig) -> bool:
-    """Decide fresh start vs resume (rank 0). Returns True to resume from checkpoints/latest.
+def check_run_folder(run_dir: Path, run: RunConfig) -> Path | None:
+    """Decide fresh start vs resume (rank 0). Returns the verified step folder to resume from.
 
     Refuses a folder holding another run's config unless train.resume=false (then the old
-    outputs move to previous/<time>/).
+    outputs move to previous/<time>/). A folder holding checkpoints always resumes from an
+    intact one or stops (never starts over on top of them; train/saving.resume_step_dir).
     """
-    from evo2_hydra.train.saving import latest_step_dir
+    from evo2_hydra.checkpoint.run_dir import read_config_file
+    from evo2_hydra.train.saving import resume_step_dir
 
     saved = run_dir / RUN_CONFIG
     used = saved.is_file() or (run_dir / "checkpoints").exists()
     if not used:
-        return False
+        return None
     if not run.train.resume:
         dest = _archive_previous(run_dir)
         log.warning("train.resume=false: the previous run's outputs moved to %s", dest)
-        return False
-    if saved.is_file():
-        diffs = config_differences(saved.read_text(), run)
+        return None
+    if os.path.lexists(saved):
+        diffs = config_differences(read_config_file(saved), run)
         if diffs:
             raise UserError(
                 f"{saved}: this run folder holds another run's config ({'; '.join(diffs[:3])}"
                 f"{'; ...' if len(diffs) > 3 else ''}); use a new folder (another run_name or "
                 "hydra.run.dir=...) or train.resume=false to start over here"
             )
-    return latest_step_dir(run_dir) is not None
+    return resume_step_dir(run_dir)
 
 
 def _on_rank0_then_share(dist: DistInfo, fn) -> Any:
@@ -168,6 +170,7 @@ def _client_state(run: RunConfig, step: int, plan, conditions: dict[str, str]) -
 def finetune_this_rank(run: RunConfig) -> dict:
     """Everything one rank does (torchrun, submitit/Slurm task, or a local child process)."""
     from evo2_hydra import data as data_api
+    from evo2_hydra.checkpoint.integrity import verify_step_dir
     from evo2_hydra.checkpoint.layout import locate_checkpoint
     from evo2_hydra.checkpoint.loader import load_module_state_dict
     from evo2_hydra.checkpoint.prepare import prepare_shared_base_checkpoint
@@ -186,7 +189,8 @@ def finetune_this_rank(run: RunConfig) -> dict:
         plan = batch_plan(dist.world_size, train.micro_batch_size, train.grad_accum_steps)
 
         def prepare():
-            resume = check_run_folder(run_dir, run)
+            resume_step = check_run_folder(run_dir, run)
+            resume = resume_step is not None
             if not resume and run.ckpt.path is not None:
                 locate_checkpoint(run.ckpt.path)  # a missing checkpoint fails before data prep
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,11 +200,15 @@ def finetune_this_rank(run: RunConfig) -> dict:
                 if resume
                 else prepare_shared_base_checkpoint(run.ckpt, run.model, run.paths.cache_dir)
             )
+            if base is not None:
+                # DeepSpeed unpickles with weights_only=False: verify the cached copy first
+                verify_step_dir(locate_checkpoint(base).step_dir)
             if not resume:
                 write_text_atomic(run_dir / RUN_CONFIG, config_yaml(run))
-            return resume, prepared, base
+            return resume_step, prepared, base
 
-        resume, prepared, base = _on_rank0_then_share(dist, prepare)
+        resume_step, prepared, base = _on_rank0_then_share(dist, prepare)
+        resume = resume_step is not None
         conditions = dict(prepared.condition_tokens)
 
         # Model: same seed on every rank (identical fresh weights where no checkpoint covers them).
@@ -225,10 +233,9 @@ def finetune_this_rank(run: RunConfig) -> dict:
 
         start_step, last_saved = 0, None
         if resume:
-            step_dir = saving.latest_step_dir(run_dir)
-            client = saving.load_training_checkpoint(engine, step_dir, dist.rank)
+            client = saving.load_training_checkpoint(engine, resume_step, dist.rank)
             start_step = last_saved = int(client["iteration"])
-            log.info("resuming from %s (step %d of %d)", step_dir, start_step, train.steps)
+            log.info("resuming from %s (step %d of %d)", resume_step, start_step, train.steps)
         else:
             _seed_everything(run.seed + dist.rank)  # per-rank streams of randomness from here on
             if base is not None and not zero3:

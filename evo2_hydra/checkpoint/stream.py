@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from evo2_hydra.checkpoint.bulk_io import BulkFile
 from evo2_hydra.checkpoint.hub import resolved_sources
 from evo2_hydra.checkpoint.writer import tensor_crc32
-from evo2_hydra.convert.bulk_io import BulkFile
 
 # dtype -> the legacy typed-storage class torch.save records (what torch.load maps back to a dtype).
 _STORAGE_TYPES = {

@@ -1,0 +1,200 @@
+"""What the inference tasks (embed, vep; score's chunking) share: input records, output folders,
+the model, and running token sequences through it in chunks.
+
+Input reading sits behind `read_records` so a switch to the data package's FASTA/JSONL reader (and
+its text normalization) is a one-line change there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evo2_hydra.config import CkptConfig, DataConfig, ModelConfig
+from evo2_hydra.errors import UserError
+from evo2_hydra.infer.memory import choose_chunk_tokens
+from evo2_hydra.model import StripedHyena2
+from evo2_hydra.model.chunked import Capture, chunk_spans, forward_chunk, new_cache
+
+PAD_ID = 1  # CharLevelTokenizer pad; right padding never reaches earlier positions (causal)
+
+
+# ------------------------------------------------------------------------------ input
+
+
+@dataclass
+class Record:
+    index: int  # position in the input (0-based), the order outputs keep
+    id: object
+    text: str
+
+
+def read_records(path: str | Path, text_key: str, max_len: int, key: str) -> list[Record]:
+    """Every sequence of the input, validated before any work (errors name file and line)."""
+    from evo2_hydra.score import read_sequences
+
+    if not Path(path).is_file():
+        raise UserError(f"{key}={path}: no such file")
+    return [Record(r.index, r.id, r.text) for r in read_sequences(Path(path), text_key, max_len)]
+
+
+def tokenize(text: str) -> list[int]:
+    """Evo 2's CharLevelTokenizer: the UTF-8 bytes of the text as given."""
+    return list(text.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------ model and outputs
+
+
+@dataclass
+class Source:
+    """The model a task runs, and where its facts came from."""
+
+    model: ModelConfig
+    context: int
+    run_folder: Path | None  # one of our run folders, when ckpt.path is (in) one
+    checkpoint: dict
+
+
+def describe(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> Source:
+    """Model and context from our run's saved config when `ckpt.path` is one of our runs, else
+    from the command line (as `task=generate` reads them)."""
+    from evo2_hydra.generate import describe_source
+
+    src = describe_source(ckpt, model, data)
+    return Source(src.model, src.context, run_folder_of(ckpt.path), src.checkpoint)
+
+
+def run_folder_of(path: str | None) -> Path | None:
+    """The run folder when `path` is one of our runs (a folder with checkpoints/ whose step
+    folders carry configs/config.yaml), or a step folder / file inside one."""
+    if not path:
+        return None
+    from evo2_hydra.checkpoint import locate_checkpoint
+    from evo2_hydra.checkpoint.layout import RUN_CHECKPOINT_SUBDIR
+
+    location = locate_checkpoint(path)
+    step = location.step_dir
+    if step is None or step.parent.name != RUN_CHECKPOINT_SUBDIR:
+        return None
+    if not (step / "configs" / "config.yaml").is_file():
+        return None
+    return step.parent.parent
+
+
+def output_folder(
+    explicit: str | None, key: str, task: str, source: Source, sharded: bool = False
+) -> Path:
+    """`explicit` (must not exist or be empty), else `<run folder>/<task>/<time>` for our runs.
+
+    Several processes (`sharded`) need an explicit folder: they all write into it, and a re-run
+    into the same folder resumes; there the merge itself refuses an existing output."""
+    if sharded and not explicit:
+        raise UserError(
+            f"task={task} with several processes needs {key}: the folder every rank shares "
+            "(a re-run with the same folder resumes the unfinished shards)"
+        )
+    if explicit:
+        out = Path(explicit)
+        if sharded:
+            return out
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{key}={out} already exists and is not empty; choose a new folder")
+        return out
+    if source.run_folder is None:
+        raise UserError(
+            f"task={task} needs {key} (ckpt.path is not one of our run folders, so there is no "
+            "run folder to write into)"
+        )
+    base = source.run_folder / task / time.strftime("%Y%m%d-%H%M%S")
+    out, k = base, 0
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """One GPU per local rank when several processes share a node."""
+    if device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar on stderr (off on secondary ranks and when EVO2_NO_PROGRESS=1)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="seq", disable=os.environ.get("EVO2_NO_PROGRESS") == "1"
+    )
+
+
+# ------------------------------------------------------------------------------ running sequences
+
+
+def pad_batch(tokens: list[list[int]], device: torch.device) -> Tensor:
+    longest = max(len(t) for t in tokens)
+    ids = torch.full((len(tokens), longest), PAD_ID, dtype=torch.long)
+    for row, seq in enumerate(tokens):
+        ids[row, : len(seq)] = torch.tensor(seq)
+    return ids.to(device)
+
+
+def resolve_chunk(
+    setting: int | None, model: StripedHyena2, cfg: ModelConfig, batch: int, length: int
+) -> int:
+    """Tokens per chunk: the configured value (0 = never chunk), or automatic (None)."""
+    if setting is not None:
+        return setting
+    param = model.embedding.weight
+    return choose_chunk_tokens(cfg, batch, length, param.dtype, param.device)
+
+
+def run_chunks(
+    model: StripedHyena2,
+    ids: Tensor,
+    chunk_tokens: int,
+    *,
+    capture: Capture | None = None,
+    logits: bool = True,
+) -> Iterator[tuple[int, int, Tensor | None]]:
+    """Yield `(start, stop, logits [B, stop-start, V])` chunk by chunk (exact, see chunked.py)."""
+    cache = new_cache(ids.shape[1])
+    for start, stop in chunk_spans(ids.shape[1], chunk_tokens):
+        yield (
+            start,
+            stop,
+            forward_chunk(model, ids[:, start:stop], cache, capture=capture, logits=logits),
+        )
+
+
+def next_token_log_probs(logits: Tensor, ids: Tensor, start: int, stop: int) -> Tensor:
+    """`[B, n]` float32 log p(ids[:, i+1] | ids[:, :i+1]) for positions start..stop-1 that have a
+    next token (the last position of the sequence has none)."""
+    end = min(stop, ids.shape[1] - 1)
+    if end <= start:
+        return logits.new_zeros(ids.shape[0], 0)
+    scores = torch.log_softmax(logits[:, : end - start].float(), dim=-1)
+    return scores.gather(-1, ids[:, start + 1 : end + 1, None])[..., 0]
+
+
+def sequence_log_probs(model: StripedHyena2, ids: Tensor, chunk_tokens: int) -> Tensor:
+    """`[B, L-1]` float32 per-position log-probabilities of tokens 1..L-1, in chunks."""
+    parts = [
+        next_token_log_probs(logits, ids, start, stop)
+        for start, stop, logits in run_chunks(model, ids, chunk_tokens)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def batches_by_length(records: list, size: int, length: Callable[[object], int]) -> list[list]:
+    """Groups of up to `size` records of similar length (little padding), longest first."""
+    ordered = sorted(records, key=length, reverse=True)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]

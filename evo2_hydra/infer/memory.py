@@ -1,0 +1,88 @@
+"""How much memory an inference forward needs, and when to run it in chunks.
+
+Bytes per token of the unchunked forward's peak (no gradients; D hidden, F MLP width, V vocab,
+b = 2 for bf16 / 4 for float32 compute), the larger of its two stages:
+  Hyena mixer   b * 6 D + 40 D   residual, normed input, 3D projection (compute dtype) and the
+                                 float32 convolution: conv copy, FFT spectra of input and filter,
+                                 their product, the 2L inverse transform (complex64 = 8 bytes)
+  MLP           b * (2 D + 3 F)  residual, normed input, w1 and w2 outputs and their product
+  + logits      12 V             compute-dtype logits, their float32 copy and log-softmax
+Chunked, the same per-token figure applies to `chunk_tokens` tokens, and the attention KV cache
+(2 x D x b per attention layer per token) grows with the whole sequence. benchmarks/bench_long.py
+prints this estimate next to the measured peak.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evo2_hydra.config import ModelConfig
+from evo2_hydra.errors import UserError
+
+GIB = 2**30
+MIN_CHUNK = 1024
+# The unchunked forward runs when its estimate is under this share of the free memory.
+UNCHUNKED_SHARE = 0.5
+CHUNK_SHARE = 0.25  # a chunk's activations aim at this share of the free memory
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def activation_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    b, d, f = _bytes(dtype), cfg.hidden_size, cfg.mlp_inner_size
+    hyena = b * 6 * d + 40 * d
+    mlp = b * (2 * d + 3 * f)
+    return max(hyena, mlp) + 12 * cfg.vocab_size
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return cfg.layer_types().count("attention") * 2 * cfg.hidden_size * _bytes(dtype)
+
+
+def forward_bytes(cfg: ModelConfig, batch: int, length: int, chunk: int, dtype: torch.dtype) -> int:
+    """Estimated peak bytes beyond the weights; `chunk` = 0 for the unchunked forward."""
+    live = length if not chunk else min(chunk, length)
+    return batch * (
+        live * activation_bytes_per_token(cfg, dtype) + length * kv_bytes_per_token(cfg, dtype)
+    )
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * GIB  # unknown: assume a small machine
+
+
+def choose_chunk_tokens(
+    cfg: ModelConfig,
+    batch: int,
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    available: int | None = None,
+) -> int:
+    """0 (unchunked) when the whole forward fits, else the chunk length that fits; one line
+    naming the sizes when even the KV cache alone does not fit."""
+    free = free_bytes(device) if available is None else available
+    if forward_bytes(cfg, batch, length, 0, dtype) <= UNCHUNKED_SHARE * free:
+        return 0
+    kv = batch * length * kv_bytes_per_token(cfg, dtype)
+    room = CHUNK_SHARE * free - kv
+    per_token = batch * activation_bytes_per_token(cfg, dtype)
+    if room < MIN_CHUNK * per_token:
+        raise UserError(
+            f"a batch of {batch} x {length} tokens needs {kv / GIB:.1f} GiB of attention KV cache "
+            f"plus {MIN_CHUNK * per_token / GIB:.2f} GiB per {MIN_CHUNK}-token chunk, but {device} "
+            f"has {free / GIB:.1f} GiB free; use a smaller batch, shorter sequences or bfloat16"
+        )
+    chunk = int(room // per_token) // MIN_CHUNK * MIN_CHUNK
+    return min(chunk, length)
