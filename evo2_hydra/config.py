@@ -477,7 +477,8 @@ def check_chunk_tokens(section: str, value: int | None) -> None:
 @dataclass
 class ScoreConfig:
     input: str | None = None  # JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz]) of sequences
-    output: str | None = None  # output folder (must not exist yet); None = <run folder>/score
+    # output folder (must not exist yet); None = <checkpoint's run>/scores/<time>
+    output: str | None = None
     text_key: str = "text"  # JSONL field holding the sequence (FASTA: the record's sequence)
     logits: bool = False  # also write [L, 512] float32 logits per sequence (.npy)
     dtype: ScoreDtype = ScoreDtype.float32
@@ -510,7 +511,7 @@ class GenerateConfig:
     # torch threads on CPU; 0 = auto: 1 below hidden_size 1024 (per-token ops too small to split:
     # 2 threads made evo2_tiny ~17x slower), else torch's default
     cpu_threads: int = 0
-    output: str | None = None  # output folder; None = <run folder>/generations/<time>
+    output: str | None = None  # output folder; None = <checkpoint's run>/generations/<time>
     # prompt prefill in chunks of this many tokens (None = automatic, 0 = one pass)
     chunk_tokens: int | None = None
 
@@ -605,7 +606,12 @@ class RunConfig:
     """Root config of launch.py."""
 
     task: Task = Task.finetune
-    run_name: str = "${model.name}-ctx${ckpt.context}"
+    # run folder name under paths.output_root/runs: <model>-<data>-<hash of the identity
+    # settings> (evo2_hydra/run_identity.py), so the same command finds its own folder again
+    run_name: str = "${evo2_run_name:}"
+    # continue the run in this folder with its saved config; only settings that may change on
+    # resume (train.steps, save/eval/log cadence, cluster.*) may be overridden
+    resume: str | None = None
     seed: int = 1234
     dry_run: bool = False  # validate and print what would run, run nothing
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -683,6 +689,10 @@ def register_configs() -> None:
     """
     if not OmegaConf.has_resolver("evo2_repo"):
         OmegaConf.register_new_resolver("evo2_repo", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("evo2_run_name"):
+        from evo2_hydra.run_identity import run_name_resolver
+
+        OmegaConf.register_new_resolver("evo2_run_name", run_name_resolver)
     cs = ConfigStore.instance()
     cs.store(name="base_run", node=RunConfig)
     cs.store(name="base_convert", node=ConvertConfig)

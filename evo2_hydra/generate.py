@@ -37,10 +37,13 @@ from evo2_hydra.config import (
     RunConfig,
     ScoreDtype,
 )
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint, upper_ids
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2
+from evo2_hydra.model.chunked import prefill_chunked
 from evo2_hydra.model.decode import decode_step, prefill, repeat_batch
+from evo2_hydra.outputs import check_new_output, default_output
 from evo2_hydra.score import load_scoring_model, pick_device
 
 log = logging.getLogger(__name__)
@@ -101,20 +104,26 @@ def generate_tokens(
     *,
     cached: bool = True,
     stop_token: int | None = None,
+    chunk_tokens: int = 0,
 ) -> list[Generated]:
     """Continue `prompt_ids` in `n` parallel sequences by up to `length` tokens.
 
     `choose(logits [n, V] float32 CPU) -> [n]` picks each next token. With `cached`, the prompt is
     prefilled once and each token is one `decode_step`; otherwise the whole prefix is re-run per
     token (the reference the cached path is tested against). A sequence that emits `stop_token`
-    is finished; the batch stops when all are.
+    is finished; the batch stops when all are. `chunk_tokens` > 0 prefills a longer prompt in
+    exact chunks of that many tokens (bounded memory; model/chunked.py).
     """
     device = model.embedding.weight.device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device).expand(n, -1)
     if cached:  # the prompt is shared: prefill it once, then copy the states n times
-        cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+        if chunk_tokens and chunk_tokens < ids.shape[1]:
+            cache, last = prefill_chunked(model, ids[:1], ids.shape[1] + length, chunk_tokens)
+        else:
+            cache, logits = prefill(model, ids[:1], ids.shape[1] + length)
+            last = logits[:, -1]
         cache = repeat_batch(cache, n)
-        last = logits[:, -1].expand(n, -1)
+        last = last.expand(n, -1)
     else:
         last = model(ids)[:, -1]
     chosen: list[torch.Tensor] = []
@@ -174,7 +183,7 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
     if saved is None:
         conditions = (
             {str(k): str(v) for k, v in data.condition.tokens.items()}
-            if data.condition.field is not None
+            if data.condition.enabled
             else {}
         )
         return GenerationSource(
@@ -213,9 +222,17 @@ def check_prompt(prompt: str) -> list[int]:
     return list(prompt.encode("ascii"))
 
 
-def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> list[int]:
-    """Token ids the model is fed: the condition's token (if any), then the prompt."""
+def conditioned_prompt(
+    settings: GenerateConfig, source: GenerationSource, policy: TextPolicy | None = None
+) -> list[int]:
+    """Token ids the model is fed: the condition's token (if any), then the prompt, as the run's
+    text policy makes model input (upper-cased when it trained upper-cased)."""
     ids = check_prompt(settings.prompt)
+    if policy is not None:
+        prompt = policy.normalize(settings.prompt, "generate.prompt", model=True)
+        if prompt is None:  # data.alphabet=skip: a single prompt cannot be left out
+            raise UserError(f"generate.prompt: {policy.problem(settings.prompt)}")
+        ids = list(prompt.encode("ascii"))
     if settings.condition is not None:
         if not source.conditions:
             raise UserError(
@@ -228,7 +245,9 @@ def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> li
                 f"generate.condition={settings.condition} is not in the run's conditioning "
                 f"mapping (known: {known}; read from {source.facts_from})"
             )
-        ids = list(source.conditions[settings.condition].encode("utf-8")) + ids
+        token = list(source.conditions[settings.condition].encode("utf-8"))
+        # training upper-cases every input token, the conditioning token included
+        ids = (upper_ids(token) if policy is not None and policy.upper else token) + ids
     if not ids:
         raise UserError(
             "generate.prompt is empty and no generate.condition is given: nothing to start from"
@@ -245,20 +264,11 @@ def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> li
 # ------------------------------------------------------------------------------ the task
 
 
-def _output_folder(settings: GenerateConfig, run_dir: str) -> Path:
+def _output_folder(settings: GenerateConfig, run: RunConfig) -> Path:
     if settings.output:
-        output = Path(settings.output)
-        if output.exists() and any(output.iterdir()):
-            raise UserError(
-                f"generate.output={output} already exists and is not empty; choose a new folder"
-            )
-        return output
-    base = Path(run_dir) / "generations" / time.strftime("%Y%m%d-%H%M%S")
-    output, k = base, 0
-    while output.exists():
-        k += 1
-        output = base.with_name(f"{base.name}-{k}")
-    return output
+        return check_new_output(Path(settings.output), "generate.output")
+    # the checkpoint's own run folder (or one named after it), a fresh folder per call
+    return default_output(run.ckpt.path, run.paths.output_root, "generations")
 
 
 def _fasta(rows: list[dict]) -> str:
@@ -308,8 +318,9 @@ def run_generate(run: RunConfig) -> Path | None:
         log.info("rank %d: generation runs on rank 0 only; nothing to do here", rank)
         return None
     source = describe_source(run.ckpt, run.model, run.data)
-    prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
-    output = _output_folder(settings, run.output_dir)
+    policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)
+    prompt_ids = conditioned_prompt(settings, source, policy)  # every input check before loading
+    output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
     dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
     model = load_scoring_model(source.model, run.ckpt, dtype, device)
@@ -330,6 +341,9 @@ def run_generate(run: RunConfig) -> Path | None:
         if device.type == "cpu"
         else contextlib.nullcontext()
     )
+    from evo2_hydra.infer.common import resolve_chunk
+
+    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, len(prompt_ids))
     started = time.perf_counter()
     generated: list[Generated] = []
     with threads:
@@ -343,6 +357,7 @@ def run_generate(run: RunConfig) -> Path | None:
                 lambda logits: sample_next(logits, settings, allowed, generator),
                 cached=settings.cached,
                 stop_token=stop,
+                chunk_tokens=chunk,
             )
     seconds = time.perf_counter() - started
     new_tokens = sum(len(g.tokens) + g.stopped_at_eod for g in generated)

@@ -3,9 +3,13 @@
     python launch.py task=score model=evo2_7b ckpt=savanna_evo2_7b_base ckpt.path=CKPT \
         score.input=seqs.jsonl score.output=scores/ [score.logits=true] [score.dtype=bfloat16]
 
-Input: JSONL, one object per line with the sequence under `score.text_key` (optional `id`).
-Tokens are the UTF-8 bytes of the sequence as given (Evo 2's CharLevelTokenizer, no BOS).
-Output folder (written atomically): `scores.jsonl`, one row per input line in order with
+Input: JSONL, one object per line with the sequence under `score.text_key` (optional `id`), or
+FASTA (the record id is the id); plain or gzip (`evo2_hydra.data.records`). Each sequence goes
+through the run's text policy (`evo2_hydra.data.text`: upper-cased when the run trained
+upper-cased, characters outside `data.charset` per `data.alphabet`); its tokens are then the
+bytes (Evo 2's CharLevelTokenizer, no BOS).
+Output folder (written atomically; default: a fresh `scores/<time>/` in the checkpoint's run folder,
+see evo2_hydra/outputs.py): `scores.jsonl`, one row per input line in order with
 `sum_log_likelihood` = sum over positions 1..L-1 of log p(token_i | tokens_<i) in nats and
 `mean_log_likelihood` = that sum / (L-1); with `score.logits=true`, `logits/{index:06d}.npy`, the
 full `[L, 512]` float32 logits of each sequence; with `score.log_probs=true`,
@@ -23,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from evo2_hydra.config import (
     CkptConfig,
@@ -33,9 +36,12 @@ from evo2_hydra.config import (
     ScoreConfig,
     ScoreDtype,
 )
+from evo2_hydra.data.records import SequenceRecord
+from evo2_hydra.data.records import read_sequences as read_records
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2, build_model, load_into_model
+from evo2_hydra.outputs import check_new_output, default_output
 
 log = logging.getLogger(__name__)
 
@@ -44,40 +50,32 @@ COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 CONTEXT_SUFFIXES = ("mixer.mixer.filter.h", "mixer.mixer.filter.decay", "mixer.mixer.filter.t")
 
 
-@dataclass
-class Record:
-    index: int
-    id: object
-    text: str
-
-
-def read_sequences(path: Path, text_key: str, max_len: int) -> list[Record]:
-    """Parse and validate every line before any work; errors name the file and line."""
-    if not path.is_file():
-        raise UserError(f"score.input={path}: no such file")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            text = obj.get(text_key) if isinstance(obj, dict) else None
-            if not isinstance(text, str) or len(text) < 2:
-                raise UserError(
-                    f"{path}:{lineno}: expected an object with a string '{text_key}' of at least "
-                    "2 characters (set score.text_key for another field)"
-                )
-            if len(text.encode("utf-8")) > max_len:
-                raise UserError(
-                    f"{path}:{lineno}: sequence of {len(text.encode('utf-8'))} tokens exceeds "
-                    f"ckpt.context={max_len}"
-                )
-            records.append(Record(len(records), obj.get("id"), text))
+def read_sequences(
+    path: Path, text_key: str, max_len: int, policy: TextPolicy | None = None
+) -> list[SequenceRecord]:
+    """Parse, normalise and validate every record before any work; errors name file and line."""
+    records, skipped = read_records(
+        path,
+        key="score.input",
+        policy=policy or TextPolicy(),
+        text_key=text_key,
+        min_length=2,
+    )
+    if skipped:
+        log.warning(
+            "skipped %d sequences with characters outside data.charset (data.alphabet=skip), "
+            "e.g. %s",
+            len(skipped),
+            skipped[0],
+        )
+    for record in records:
+        if len(record.text.encode("utf-8")) > max_len:
+            raise UserError(
+                f"{record.where}: sequence of {len(record.text.encode('utf-8'))} tokens exceeds "
+                f"ckpt.context={max_len}"
+            )
     if not records:
-        raise UserError(f"{path}: no sequences")
+        raise UserError(f"{path}: no sequences left to score")
     return records
 
 
@@ -131,23 +129,45 @@ class BatchScores:
 
 
 @torch.no_grad()
-def score_batch(model: StripedHyena2, texts: list[str], keep_logits: bool = True) -> BatchScores:
-    """One forward pass over right-padded sequences (causal: padding never reaches them)."""
+def score_batch(
+    model: StripedHyena2,
+    texts: list[str],
+    keep_logits: bool = True,
+    chunk_tokens: int | None = 0,
+    model_cfg: ModelConfig | None = None,
+) -> BatchScores:
+    """One forward pass over right-padded sequences (causal: padding never reaches them).
+
+    `chunk_tokens` > 0 runs it in exact chunks (evo2_hydra/model/chunked.py: same results, memory
+    bounded by the KV cache); None decides from the device's free memory (needs `model_cfg`).
+    """
+    from evo2_hydra.infer.common import next_token_log_probs, resolve_chunk, run_chunks
+
     tokens = [tokenize(t) for t in texts]
     longest = max(len(t) for t in tokens)
     ids = torch.full((len(tokens), longest), PAD_ID, dtype=torch.long)
     for row, seq in enumerate(tokens):
         ids[row, : len(seq)] = torch.tensor(seq)
     ids = ids.to(model.embedding.weight.device)
-    logits = model(ids).float()
-    logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    if chunk_tokens is None:
+        chunk_tokens = resolve_chunk(None, model, model_cfg, len(tokens), longest)
+    if not chunk_tokens or chunk_tokens >= longest:
+        logits = model(ids).float()
+        chunks = [(logits, next_token_log_probs(logits, ids, 0, longest))]
+    else:
+        chunks = [
+            (logits.float().cpu() if keep_logits else None, next_token_log_probs(logits, ids, a, b))
+            for a, b, logits in run_chunks(model, ids, chunk_tokens)
+        ]
+    logprobs = torch.cat([lp for _, lp in chunks], dim=1)
+    logits = torch.cat([lg.cpu() for lg, _ in chunks], dim=1) if keep_logits else None
     scores = BatchScores([], [], [] if keep_logits else None)
     for row, seq in enumerate(tokens):
         positions = logprobs[row, : len(seq) - 1]
         scores.sums.append(positions.double().sum().item())
         scores.log_probs.append(positions.cpu().numpy())
         if keep_logits:
-            scores.logits.append(logits[row, : len(seq)].cpu().numpy())
+            scores.logits.append(logits[row, : len(seq)].numpy())
     return scores
 
 
@@ -164,15 +184,27 @@ def _save(folder: Path, name: str, array: np.ndarray) -> str:
     return f"{folder.name}/{name}"
 
 
-def _score_all(model, records, batch_size, outputs: ScoreOutputs, rc: bool) -> list[dict]:
+def _score_all(
+    model, records, batch_size, outputs: ScoreOutputs, rc: bool, chunk=0, model_cfg=None
+) -> list[dict]:
     rows = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         fwd = score_batch(
-            model, [r.text for r in batch], keep_logits=outputs.logits_dir is not None
+            model,
+            [r.text for r in batch],
+            keep_logits=outputs.logits_dir is not None,
+            chunk_tokens=chunk,
+            model_cfg=model_cfg,
         )
         rc_scores = (
-            score_batch(model, [reverse_complement(r.text) for r in batch], keep_logits=False)
+            score_batch(
+                model,
+                [reverse_complement(r.text) for r in batch],
+                keep_logits=False,
+                chunk_tokens=chunk,
+                model_cfg=model_cfg,
+            )
             if rc
             else None
         )
@@ -213,22 +245,37 @@ def json_line(row: dict, source: Path) -> str:
 
 
 def run_score(run: RunConfig) -> Path:
-    """Score every sequence of `score.input`; returns the output folder."""
+    """Score every sequence of `score.input`; returns the output folder.
+
+    With several processes (`cluster.tasks=N` or a Slurm job of N tasks) each scores a contiguous
+    share of the input and the outputs are merged in input order (evo2_hydra/infer/shard.py).
+    """
+    from evo2_hydra.infer.common import device_for_rank
+    from evo2_hydra.infer.shard import merge_jsonl, move_tree, rank_and_world, run_sharded
+
     score: ScoreConfig = run.score
     if not score.input:
-        raise UserError("task=score needs score.input (a JSONL file of sequences)")
-    output = Path(score.output) if score.output else Path(run.output_dir) / "score"
-    if output.exists() and any(output.iterdir()):
+        raise UserError("task=score needs score.input (a JSONL or FASTA file of sequences)")
+    sharded = max(rank_and_world()[1], run.cluster.world_size) > 1
+    if sharded and not score.output:
         raise UserError(
-            f"score.output={output} already exists and is not empty; choose a new folder"
+            "task=score with several processes needs score.output: the folder every rank shares "
+            "(a re-run with the same folder resumes the unfinished shards)"
         )
-    records = read_sequences(Path(score.input), score.text_key, run.ckpt.context)
+    if sharded:
+        output = Path(score.output)
+    elif score.output:
+        output = check_new_output(Path(score.output), "score.output")
+    else:  # the checkpoint's own run folder (or one named after it), a fresh folder per call
+        output = default_output(run.ckpt.path, run.paths.output_root, "scores")
+    policy, policy_from = policy_for_checkpoint(run.ckpt.path, run.data)
+    log.info("text policy (from %s): %s", policy_from, policy.to_dict())
+    records = read_sequences(Path(score.input), score.text_key, run.ckpt.context, policy)
     dtype = torch.bfloat16 if score.dtype == ScoreDtype.bfloat16 else torch.float32
-    model = load_scoring_model(run.model, run.ckpt, dtype, pick_device(run.cluster.device))
 
-    if output.exists():
-        output.rmdir()  # an empty folder (e.g. made by Hydra) is replaced atomically below
-    with atomic_dir(output) as tmp:
+    def work(items, tmp: Path) -> None:
+        device = device_for_rank(pick_device(run.cluster.device))
+        model = load_scoring_model(run.model, run.ckpt, dtype, device)
         outputs = ScoreOutputs(
             logits_dir=tmp / "logits" if score.logits else None,
             log_probs_dir=tmp / "log_probs" if score.log_probs else None,
@@ -236,9 +283,24 @@ def run_score(run: RunConfig) -> Path:
         for folder in (outputs.logits_dir, outputs.log_probs_dir):
             if folder is not None:
                 folder.mkdir()
-        rows = _score_all(model, records, score.batch_size, outputs, score.reverse_complement)
+        rows = _score_all(
+            model,
+            list(items),
+            score.batch_size,
+            outputs,
+            score.reverse_complement,
+            chunk=score.chunk_tokens,
+            model_cfg=run.model,
+        )
         with (tmp / "scores.jsonl").open("w") as f:
             for row in rows:
                 f.write(json_line(row, Path(score.input)) + "\n")
-    log.info("wrote %d scores to %s", len(rows), output / "scores.jsonl")
+
+    def merge(shards: list[Path], target: Path) -> None:
+        merge_jsonl(shards, "scores.jsonl", target)
+        for sub in ("logits", "log_probs"):
+            move_tree(shards, sub, target)
+
+    run_sharded(run, "score", output, records, work, merge, run_score)
+    log.info("wrote %d scores to %s", len(records), output / "scores.jsonl")
     return output

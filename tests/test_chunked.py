@@ -27,6 +27,16 @@ CHUNK = 1024
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model's ops are too small to split: on a shared 2-core machine 2 threads ran ~30x
+    slower than 1 (as tests/test_generate.py found for decoding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def long_memory_model():
     cfg = model_config("evo2_tiny")
     state = random_savanna_module(cfg, WIDTH, dtype=torch.float32, seed=5, extra_state=False)

@@ -31,6 +31,16 @@ CONTEXT = 256
 HOOK_NAMES = ["embedding_layer", "blocks.0.mlp.l3", "blocks.3", "blocks.5.mlp", "blocks.7", "norm"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model's ops are too small to split: on a shared 2-core machine 2 threads ran ~30x
+    slower than 1 (as tests/test_generate.py found for decoding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def vtx_hooks(vortex_state, config, input_ids, workdir, names):
     """What evo2's `Evo2.forward(return_embeddings=True, layer_names=...)` captures: a forward
     hook per named submodule of vtx's StripedHyena, `output[0]` for tuple outputs."""
@@ -109,8 +119,10 @@ def setup(tmp_path_factory):
 
 
 def direct(model, text, capture):
-    """One sequence, unchunked, every position."""
+    """One sequence, unchunked, every position; upper-cased as task=embed feeds it (the run's
+    text policy: the model trained on upper-cased input)."""
     cfg = model_config("evo2_tiny")
+    text = text.upper()
     return embed_batch(model, cfg, [text], {capture: capture}, EmbedPool.none, 0).result(capture, 0)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
+from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
 from evo2_hydra.checkpoint.adapters.vortex import import_vortex_state_dict
 from evo2_hydra.checkpoint.integrity import check_module, expected_tensors
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
@@ -21,9 +22,6 @@ from evo2_hydra.checkpoint.zero3 import gather_zero3_module
 from evo2_hydra.errors import UserError
 
 VORTEX_MARKERS = ("blocks.", "embedding_layer.", "unembed.", "norm.scale")
-IMPORTED_FROM = (
-    "evo2_hydra_imported_from"  # top-level marker on shards converted from another format
-)
 
 
 def is_vortex_state(state: dict) -> bool:
@@ -62,11 +60,11 @@ def load_shards(
     we wrote it; with `finite`, no NaN/Inf). Verifying reads every tensor once (zlib-ng CRC32).
     """
     if location.kind == "megatron":  # a NeMo2 / Megatron-Bridge folder, imported (megatron.py)
-        from evo2_hydra.checkpoint.megatron import import_megatron_folder
+        from evo2_hydra.checkpoint.megatron import megatron_top_level
 
-        module, kind, iteration = import_megatron_folder(location.source)
-        check_module(module, location.describe(), finite=finite)
-        return [{"module": module, "iteration": iteration, IMPORTED_FROM: kind}]
+        top = megatron_top_level(location.source)
+        check_module(top["module"], location.describe(), finite=finite)
+        return [top]
     if location.is_zero3:
         modules = gather_zero3_module(location, trust_pickle=trust_pickle)
         for m in modules:

@@ -18,7 +18,7 @@ The model comes from the checkpoint's own metadata (`context/model.yaml` `config
 config class named in `context/io.json`; MBridge `run_config.yaml` `model:`), matched to one of
 our model presets by width, depth and operator pattern, with the MLP width, RoPE scaling and
 filter sizes as stored. The weights become a savanna state dict through the NeMo key map of
-checkpoint/adapters/nemo.py (MBridge's names are NeMo's without `module.`; its `--no-te` layout names the
+convert/nemo.py (MBridge's names are NeMo's without `module.`; its `--no-te` layout names the
 three norms differently and is renamed first). TransformerEngine `_extra_state` objects and
 optimizer state are not read.
 """
@@ -207,7 +207,7 @@ def _nemo2_arch(context: Path) -> tuple[dict[str, Any], str]:
 
 def _io_json_arch(io_json: Path) -> dict[str, Any]:
     """The model config of a fiddle io.json: its NeMo size class's values plus the set arguments."""
-    from evo2_hydra.checkpoint.adapters.nemo import NEMO_SIZES
+    from evo2_hydra.convert.nemo import NEMO_SIZES
 
     data = json.loads(io_json.read_text())
     objects = data.get("objects", {})
@@ -444,8 +444,8 @@ def _grid(counts: list[int]):
 
 def to_savanna(weights: Mapping[str, Tensor], cfg: ModelConfig, where: str) -> dict[str, Tensor]:
     """The savanna (MP=1) state dict of Megatron-named weights, at the stored hcm filter width."""
-    from evo2_hydra.checkpoint.adapters.nemo import nemo_to_savanna
-    from evo2_hydra.checkpoint.adapters.vortex import block_index
+    from evo2_hydra.convert.nemo import nemo_to_savanna
+    from evo2_hydra.convert.vortex import block_index
 
     adapters = [k for k in weights if ".adapter." in k or "linear_in" in k or "linear_out" in k]
     if adapters:
@@ -476,14 +476,16 @@ def import_megatron(
     return to_savanna(read_weights(ck), model, ck.describe()), model
 
 
-def import_megatron_folder(path: Path) -> tuple[dict[str, Tensor], str, int]:
-    """(savanna state dict, "nemo2" | "mbridge", iteration) of a NeMo2 / MBridge folder.
+def megatron_top_level(path: Path) -> dict[str, Any]:
+    """A model-state top-level dict (checkpoint/loader.py) for a NeMo2 / MBridge folder.
 
-    The model is the preset the checkpoint's metadata matches; the caller (checkpoint/loader.py)
-    checks it against the run's model like any checkpoint's shapes.
+    The model is the preset the checkpoint's metadata matches; the caller checks it against the
+    run's model like any checkpoint's shapes.
     """
+    from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
+
     ck = detect_megatron(path)
     if ck is None:
         raise UserError(f"{path}: not a NeMo2 or Megatron-Bridge checkpoint")
     module, _ = import_megatron(ck)
-    return module, ck.kind, ck.iteration or 1
+    return {"module": module, "iteration": ck.iteration or 1, IMPORTED_FROM: ck.kind}

@@ -179,7 +179,11 @@ class SavedRun:
         if self.step_dir is not None and (self.step_dir / CONDITIONS_FILE).is_file():
             return read_conditions(self.step_dir / CONDITIONS_FILE)
         cond = self.section("data").get("condition") or {}
-        if not isinstance(cond, dict) or not cond.get("field"):
+        enabled = isinstance(cond, dict) and any(
+            cond.get(k)
+            for k in ("field", "header_regex", "tsv")  # JSONL field or FASTA sources
+        )
+        if not enabled:
             return {}
         tokens = cond.get("tokens") or {}
         if not isinstance(tokens, dict):

@@ -19,6 +19,7 @@ from evo2_hydra.checkpoint.layout import newest_run
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
 from evo2_hydra.config import ConvertConfig, TargetKind
 from evo2_hydra.errors import UserError
+from evo2_hydra.io_utils import LOCK_NAME, exclusive_lock
 
 log = logging.getLogger("evo2_hydra.convert")
 
@@ -69,10 +70,18 @@ def run_convert(conv: ConvertConfig) -> Path:
         log.info("output not given: writing %s", output)
     else:
         output = Path(conv.output).expanduser()
-    if output.exists() and not conv.overwrite:
-        raise UserError(f"output={output} already exists; set overwrite=true to replace it")
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UserError(f"output={output} is inside source={source}; the source is never modified")
+    # One conversion per output at a time: a second one fails now, not after converting
+    # everything; the existence check runs under the lock (a finished winner is seen).
+    lock = output.parent / f".{output.name}{LOCK_NAME}"
+    with exclusive_lock(lock, f"output={output}"):
+        if output.exists() and not conv.overwrite:
+            raise UserError(f"output={output} already exists; set overwrite=true to replace it")
+        return _convert_locked(conv, convert, source, output)
+
+
+def _convert_locked(conv: ConvertConfig, convert, source: Path, output: Path) -> Path:
     # Sources loaded in this block are registered with their file offsets, so tensors that a
     # target writes unchanged are copied file to file (checkpoint/bulk_io.py).
     with tracking_mapped_files():

@@ -170,12 +170,12 @@ class DocumentEncoder:
         spans = window_spans(
             len(body), settings.window, settings.stride, settings.keep_partial_window
         )
-        if len(spans) > 1:
+        if spans != [(0, len(body))]:
             self.windowed += 1
         max_length = settings.max_length
         documents = []
         for start, end in spans:
-            piece = body[start:end] if len(spans) > 1 else body
+            piece = body if end - start == len(body) else body[start:end]
             if settings.reverse_complement == "both":
                 documents += [piece, reverse_complement(piece)]
             elif settings.reverse_complement == "random" and flip_window(

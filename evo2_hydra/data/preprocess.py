@@ -141,7 +141,8 @@ def check_inputs(inputs: list[str], settings: EncodeSettings, key: str = "data.i
             if settings.condition_field is not None and not conditioned:
                 raise UserError(
                     f"{key}: {path} is FASTA; data.condition.field names a JSONL field: give "
-                    "data.condition.header_regex or data.condition.tsv for FASTA"
+                    "data.condition.header_regex or data.condition.tsv for FASTA, or "
+                    "data.condition.field=null (data=jsonl) for no conditioning"
                 )
         elif is_jsonl(path):
             if conditioned and settings.condition_field is None:

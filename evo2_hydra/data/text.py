@@ -37,7 +37,6 @@ PRINTABLE = bytes(range(32, 127))
 IUPAC = b"ACGTUNRYSWKMBDHVacgtunryswkmbdhv"
 SPECIAL = {0: "the EOD token", 1: "the PAD token"}  # byte values that are special token ids
 ALLOWED = {Charset.printable: PRINTABLE, Charset.iupac: IUPAC}
-MAX_SAVED_CONFIG_BYTES = 1 << 20  # a saved run config is a few KB; refuse anything huge
 
 
 def describe_char(char: str) -> str:
@@ -142,31 +141,15 @@ def upper_ids(ids: list[int]) -> list[int]:
 
 
 def _saved_data_section(ckpt_path: str) -> tuple[dict | None, Path | None]:
-    """The `data` section of the run config saved with one of our checkpoints, if any."""
-    import yaml
-
+    """The `data` section of the run config saved with one of our checkpoints, if any (read by
+    the checkpoint package's safe reader: size limit, no YAML aliases)."""
     from evo2_hydra.checkpoint import locate_checkpoint
+    from evo2_hydra.checkpoint.run_dir import read_saved_run
 
-    location = locate_checkpoint(ckpt_path)
-    candidates = []
-    if location.step_dir is not None:
-        candidates += [location.step_dir / "configs" / "config.yaml"]
-        candidates.append(location.step_dir.parent.parent / "config.yaml")
-    if location.source.is_dir():
-        candidates.append(location.source / "config.yaml")
-    for path in candidates:
-        if not path.is_file():
-            continue
-        if path.stat().st_size > MAX_SAVED_CONFIG_BYTES:
-            raise UserError(f"{path}: {path.stat().st_size} bytes, too large for a run config")
-        try:
-            saved = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise UserError(f"{path}: not a valid run config ({err})") from None
-        if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
-            data = saved.get("data")
-            return (data if isinstance(data, dict) else {}), path
-    return None, None
+    saved = read_saved_run(locate_checkpoint(ckpt_path))
+    if saved is None:
+        return None, None
+    return saved.section("data"), saved.config_path
 
 
 def policy_for_checkpoint(ckpt_path: str | None, data: DataConfig) -> tuple[TextPolicy, str]:

@@ -2,12 +2,15 @@
 
 Each child gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and the already-composed
 RunConfig (pickled by multiprocessing's spawn), then runs the same per-rank code a torchrun or Slurm
-task runs. The parent forwards SIGTERM/SIGINT to the children (each saves a checkpoint and exits)
-and turns a child's UserError back into a UserError.
+task runs. The children run in their own process group, so a Ctrl-C in the terminal reaches only
+the parent, which forwards SIGTERM/SIGINT once to every child (each saves a checkpoint and exits);
+a second Ctrl-C kills the children at once. A child whose parent dies gets SIGTERM (Linux). The
+parent turns a child's UserError back into a UserError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -21,9 +24,22 @@ from evo2_hydra.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _detach_from_terminal_signals() -> None:
+    """Own process group (a terminal's Ctrl-C goes to the parent only, which forwards it once)
+    and SIGTERM when the parent dies (so a killed launcher never leaves ranks training on)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _child(
     rank: int, world: int, port: int, target: Callable[[Any], Any], arg: Any, results
 ) -> None:
+    _detach_from_terminal_signals()
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -46,6 +62,12 @@ def _child(
     except UserError as err:
         results.put((rank, "user_error", str(err)))
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        results.put((rank, "interrupted", "stopped without saving"))
+        raise SystemExit(130) from None
+    except OSError as err:  # a file-system error: the CLI prints it as "<path>: <cause>"
+        results.put((rank, "os_error", (err.errno, err.strerror, err.filename)))
+        raise SystemExit(2) from None
     except BaseException as err:
         results.put((rank, "error", f"{type(err).__name__}: {err}"))
         raise
@@ -61,8 +83,16 @@ def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any
         for r in range(world)
     ]
     forwarded = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    received: list[int] = []
 
     def forward(signum, _frame):
+        again = signum == signal.SIGINT and signal.SIGINT in received
+        received.append(signum)
+        if again:  # the second Ctrl-C: stop now, nothing is saved
+            for p in procs:
+                if p.pid is not None and p.is_alive():
+                    p.kill()
+            raise KeyboardInterrupt("SIGINT")
         log.warning("%s: forwarding to %d local ranks", signal.Signals(signum).name, world)
         for p in procs:
             if p.pid is not None and p.is_alive():
@@ -97,6 +127,11 @@ def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any
     user_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "user_error"]
     if user_errors:
         raise UserError(user_errors[0])
+    if any(s == "interrupted" for s, _ in outcome.values()):
+        raise KeyboardInterrupt("SIGINT")
+    os_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "os_error"]
+    if os_errors:
+        raise OSError(*os_errors[0])
     if failures or 0 not in outcome:
         codes = {p.name: p.exitcode for p in procs}
         raise RuntimeError(f"local ranks failed: {failures or codes}")
