@@ -498,6 +498,8 @@ class ScoreConfig:
 @dataclass
 class GenerateConfig:
     prompt: str = ""  # text the sequences continue (printable ASCII; after the condition token)
+    # JSONL/FASTA file of prompts (instead of `prompt`): n sequences continue each record
+    prompts: str | None = None
     condition: str | None = None  # a class name from the run's conditioning mapping
     n: int = 1  # sequences to sample
     length: int = 100  # new tokens per sequence (at most; stops earlier at EOD)

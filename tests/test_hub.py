@@ -373,3 +373,16 @@ def test_convert_from_hub_pins_commit_in_manifest(tmp_path, checkpoint_file, run
         lines[-1].startswith("error: hf://org/tiny@v9: revision v9") and "hf download" in lines[-1]
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_run_config_records_the_pinned_commit(hf_cache, checkpoint_file, compose_cfg):
+    """The CLI pins hf:// ids before a task runs: the saved config names the commit."""
+    from evo2_hydra.train.run import config_yaml
+    from tests.conftest import to_obj
+
+    seed_repo(hf_cache, "org/tiny", {"tiny.pt": checkpoint_file.read_bytes()})
+    run = to_obj(compose_cfg(["model=evo2_tiny", "ckpt.path=hf://org/tiny"]))
+    hub.pin_config_paths(run)
+    assert run.ckpt.path == f"hf://org/tiny@{COMMIT}/tiny.pt"
+    assert f"path: hf://org/tiny@{COMMIT}/tiny.pt" in config_yaml(run)
+    assert locate_checkpoint(run.ckpt.path).model_files[0].name == "tiny.pt"

@@ -24,7 +24,6 @@ from omegaconf import OmegaConf
 
 from evo2_hydra import cli
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import LOCK_NAME, OutputLocked, exclusive_lock
 from evo2_hydra.score import run_score
 from tests.ckpt_factory import make_random_savanna_checkpoint
 from tests.conftest import REPO, to_obj
@@ -39,6 +38,7 @@ HOLD_LOCK = (
     "    print('held', flush=True)\n"
     "    time.sleep(600)\n"
 )
+LOCK_NAME = ".lock"  # the run folder's lock file (io_utils.LOCK_NAME)
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "EVO2_NO_PROGRESS": "1"}
 
 
@@ -129,6 +129,10 @@ def score_cfg(compose_cfg, tiny, *extra):
 
 
 def test_lock_refuses_a_live_holder_naming_it_and_outlives_no_sigkill(tmp_path):
+    from evo2_hydra.io_utils import LOCK_NAME as lock_name
+    from evo2_hydra.io_utils import OutputLocked, exclusive_lock
+
+    assert lock_name == LOCK_NAME
     lock = tmp_path / LOCK_NAME
     holder = hold_lock(lock)
     try:
@@ -148,6 +152,7 @@ def test_lock_refuses_a_live_holder_naming_it_and_outlives_no_sigkill(tmp_path):
 
 def test_lock_staleness_rules(tmp_path, monkeypatch):
     import evo2_hydra.io_utils as io_utils
+    from evo2_hydra.io_utils import OutputLocked, exclusive_lock
 
     lock = tmp_path / LOCK_NAME
     me = io_utils._holder_record()
@@ -178,6 +183,7 @@ def test_lock_staleness_rules(tmp_path, monkeypatch):
 
 def test_lock_heartbeat_refreshes_the_file(tmp_path, monkeypatch):
     import evo2_hydra.io_utils as io_utils
+    from evo2_hydra.io_utils import exclusive_lock
 
     monkeypatch.setattr(io_utils, "HEARTBEAT_S", 0.05)
     lock = tmp_path / LOCK_NAME
@@ -584,6 +590,8 @@ def test_cli_ctrl_c_with_two_local_ranks_saves_and_exits_cleanly(base, tmp_path)
 
 @pytest.mark.parametrize("tasks", [1, 2])
 def test_cli_second_ctrl_c_stops_at_once(base, tmp_path, tasks):
+    from evo2_hydra.io_utils import exclusive_lock
+
     out = tmp_path / "outputs"
     cmd = launch_cmd(base, out, "run_name=twice", f"cluster.tasks={tasks}", "train.steps=500")
     cmd += ["train.eval_every=1000", "train.save_every=1000"]

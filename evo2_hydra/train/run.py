@@ -452,9 +452,13 @@ def _needs_local_spawn(run: RunConfig) -> bool:
 
 def run_finetune(run: RunConfig) -> dict:
     """Task entry (cli.TASKS[finetune]): check the memory plan, then train on this rank or ranks."""
+    from evo2_hydra.io_utils import remove_stale_temporaries
     from evo2_hydra.train.memory import check_fits
+    from evo2_hydra.train.saving import checkpoint_dir
 
     check_fits(run)
+    # leftovers of a killed save or prune (`.tmp-global_stepN.*`, `.old-global_stepN.*`)
+    remove_stale_temporaries(checkpoint_dir(Path(run.output_dir)))
     if _needs_local_spawn(run):
         from evo2_hydra.train.local_launch import spawn_local_ranks
 
