@@ -260,16 +260,19 @@ def test_score_input_gz_utf8_and_unreadable(compose_cfg, tiny, tmp_path, capsys,
     assert code == 2 and line.startswith(f"error: {broken}: cannot read"), line
 
     # unreadable (root reads everything, so the refusal is the kernel's answer, simulated)
-    real_open = Path.open
+    import builtins
 
-    def deny(self, *args, **kwargs):
-        if self == tiny["seqs"]:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real_open(self, *args, **kwargs)
+    real_open = builtins.open
 
-    monkeypatch.setattr(Path, "open", deny)
+    def deny(file, *args, **kwargs):
+        if str(file) == str(tiny["seqs"]):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
     code, line = launch_in_process(score_cfg(compose_cfg, tiny), capsys)
-    assert code == 2 and line == f"error: {tiny['seqs']}: Permission denied"
+    assert code == 2 and line.startswith(f"error: {tiny['seqs']}: "), line
+    assert "Permission denied" in line
 
 
 def test_preprocess_and_convert_on_a_full_disk_are_one_line(compose_cfg, tiny, tmp_path, capsys):
