@@ -492,6 +492,7 @@ def resumed_config(cfg, overrides: list[str] | None = None):
     """
     from omegaconf import DictConfig
 
+    from evo2_hydra.checkpoint.run_dir import read_config_file
     from evo2_hydra.run_identity import may_change_on_resume
 
     run_dir = Path(str(cfg.resume)).expanduser()
@@ -508,9 +509,7 @@ def resumed_config(cfg, overrides: list[str] | None = None):
             "saved config defines it); allowed: train.steps, train.save_every, train.keep_last, "
             "train.eval_every, train.eval_steps, train.log_every, cluster.*; start a new run instead"
         )
-    from evo2_hydra.checkpoint.run_dir import read_config_file
-
-    tree = read_config_file(saved)  # size-limited, aliases refused: one line for a bad file
+    tree = read_config_file(saved)  # size-limited, aliases refused (checkpoint/run_dir.py)
     from omegaconf.errors import OmegaConfBaseException
 
     try:
