@@ -695,6 +695,8 @@ class GenerateConfig:
 
     prompt: str = ""
     """Text the sequences continue (printable ASCII; after the condition token)."""
+    prompts: str | None = None
+    """JSONL/FASTA file of prompts (instead of `prompt`): n sequences continue each record."""
     condition: str | None = None
     """A class name from the run's conditioning mapping."""
     n: int = 1

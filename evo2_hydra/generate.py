@@ -212,27 +212,33 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
 # ------------------------------------------------------------------------------ input checks
 
 
-def check_prompt(prompt: str) -> list[int]:
+def check_prompt(prompt: str, where: str = "generate.prompt") -> list[int]:
     for position, char in enumerate(prompt):
         if ord(char) not in PRINTABLE:
             raise UserError(
-                f"generate.prompt: character {char!r} at position {position} is outside the "
+                f"{where}: character {char!r} at position {position} is outside the "
                 "vocabulary (printable ASCII, byte values 32..126)"
             )
     return list(prompt.encode("ascii"))
 
 
 def conditioned_prompt(
-    settings: GenerateConfig, source: GenerationSource, policy: TextPolicy | None = None
+    settings: GenerateConfig,
+    source: GenerationSource,
+    policy: TextPolicy | None = None,
+    prompt: str | None = None,
+    where: str = "generate.prompt",
 ) -> list[int]:
-    """Token ids the model is fed: the condition's token (if any), then the prompt, as the run's
-    text policy makes model input (upper-cased when it trained upper-cased)."""
-    ids = check_prompt(settings.prompt)
+    """Token ids the model is fed: the condition's token (if any), then the prompt (`prompt`, or
+    else generate.prompt), as the run's text policy makes model input (upper-cased when it
+    trained upper-cased)."""
+    text = settings.prompt if prompt is None else prompt
+    ids = check_prompt(text, where)
     if policy is not None:
-        prompt = policy.normalize(settings.prompt, "generate.prompt", model=True)
-        if prompt is None:  # data.alphabet=skip: a single prompt cannot be left out
-            raise UserError(f"generate.prompt: {policy.problem(settings.prompt)}")
-        ids = list(prompt.encode("ascii"))
+        normalized = policy.normalize(text, where, model=True)
+        if normalized is None:  # data.alphabet=skip: a single prompt cannot be left out
+            raise UserError(f"{where}: {policy.problem(text)}")
+        ids = list(normalized.encode("ascii"))
     if settings.condition is not None:
         if not source.conditions:
             raise UserError(
@@ -259,6 +265,26 @@ def conditioned_prompt(
             f"exceeds the model's context ckpt.context={source.context} (from {source.facts_from})"
         )
     return ids
+
+
+def prompt_list(
+    settings: GenerateConfig, source: GenerationSource, policy: TextPolicy
+) -> list[tuple[object, str, list[int]]]:
+    """(prompt id, prompt text, token ids) for generate.prompt, or for each record of the
+    generate.prompts file (JSONL or FASTA, read by `evo2_hydra.data.records`)."""
+    if not settings.prompts:
+        return [(None, settings.prompt, conditioned_prompt(settings, source, policy))]
+    if settings.prompt:
+        raise UserError("give generate.prompt or generate.prompts (a file), not both")
+    from evo2_hydra.data.records import read_sequences
+
+    records, skipped = read_sequences(settings.prompts, key="generate.prompts", policy=policy)
+    if skipped:
+        log.warning("generate.prompts: skipped %d prompts, e.g. %s", len(skipped), skipped[0])
+    return [
+        (r.id, r.text, conditioned_prompt(settings, source, policy, r.text, r.where))
+        for r in records
+    ]
 
 
 # ------------------------------------------------------------------------------ the task
@@ -319,7 +345,7 @@ def run_generate(run: RunConfig) -> Path | None:
         return None
     source = describe_source(run.ckpt, run.model, run.data)
     policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)
-    prompt_ids = conditioned_prompt(settings, source, policy)  # every input check before loading
+    prompts = prompt_list(settings, source, policy)  # every input check before loading weights
     output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
     dtype = torch.bfloat16 if settings.dtype == Dtype.bfloat16 else torch.float32
@@ -343,22 +369,26 @@ def run_generate(run: RunConfig) -> Path | None:
     )
     from evo2_hydra.infer.common import resolve_chunk
 
-    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, len(prompt_ids))
+    longest = max(len(ids) for _, _, ids in prompts)
+    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, longest)
     started = time.perf_counter()
     generated: list[Generated] = []
+    prompt_of: list[tuple[object, str]] = []  # (prompt id, prompt text) per generated sequence
     with threads:
-        for start in range(0, settings.n, settings.batch_size):
-            batch = min(settings.batch_size, settings.n - start)
-            generated += generate_tokens(
-                model,
-                prompt_ids,
-                batch,
-                settings.length,
-                lambda logits: sample_next(logits, settings, allowed, generator),
-                cached=settings.cached,
-                stop_token=stop,
-                chunk_tokens=chunk,
-            )
+        for prompt_id, prompt_text, prompt_ids in prompts:
+            for start in range(0, settings.n, settings.batch_size):
+                batch = min(settings.batch_size, settings.n - start)
+                generated += generate_tokens(
+                    model,
+                    prompt_ids,
+                    batch,
+                    settings.length,
+                    lambda logits: sample_next(logits, settings, allowed, generator),
+                    cached=settings.cached,
+                    stop_token=stop,
+                    chunk_tokens=chunk,
+                )
+                prompt_of += [(prompt_id, prompt_text)] * batch
     seconds = time.perf_counter() - started
     new_tokens = sum(len(g.tokens) + g.stopped_at_eod for g in generated)
     log.info("%d tokens in %.2f s (%.1f tokens/s)", new_tokens, seconds, new_tokens / seconds)
@@ -374,7 +404,8 @@ def run_generate(run: RunConfig) -> Path | None:
                 "condition_token": source.conditions.get(settings.condition)
                 if settings.condition is not None
                 else None,
-                "prompt": settings.prompt,
+                "prompt": prompt_of[i][1],
+                **({"prompt_id": prompt_of[i][0]} if settings.prompts else {}),
                 "text": bytes(g.tokens).decode("ascii"),
                 "length": len(g.tokens),
                 "stop": "eod" if g.stopped_at_eod else "length",

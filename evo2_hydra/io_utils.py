@@ -2,7 +2,9 @@
 and the exclusive lock a run or a conversion holds on its output for its whole life.
 
 A process killed mid-write leaves at most a `.tmp-*` leftover, never a half-written file under the
-final name.
+final name. Temporary names carry the writer's PID and host (`.tmp-NAME.pid123-host.XXXX`, and
+`.old-NAME.pid123-host` for what a rename set aside), so `remove_stale_temporaries` can delete
+the leftovers of writers that died and leave those of writers still running.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -35,11 +38,70 @@ __all__ = [
     "crc32",
     "exclusive_lock",
     "file_lock",
+    "old_name",
+    "remove_stale_temporaries",
     "write_failure_as_os_error",
     "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
+
+# `.tmp-NAME.pid<PID>-<HOST>.<random>` (mkstemp/mkdtemp) or `.old-NAME.pid<PID>-<HOST>`.
+_OWNER_RE = re.compile(r"^\.(?:tmp|old)-.*\.pid(\d+)-([A-Za-z0-9_-]+)(?:\.[A-Za-z0-9_]+)?$")
+
+
+def _host() -> str:
+    """This machine's short host name, in the characters a temporary name may hold."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _owner_tag() -> str:
+    return f"pid{os.getpid()}-{_host()}"
+
+
+def _tmp_prefix(final: Path) -> str:
+    return f".tmp-{final.name}.{_owner_tag()}."
+
+
+def old_name(final: Path) -> Path:
+    """Where a rename sets `final` aside before deleting it (carries this writer's PID and host)."""
+    return final.with_name(f".old-{final.name}.{_owner_tag()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Delete the `.tmp-NAME.*` / `.old-NAME.*` leftovers in `folder` whose writer is gone.
+
+    Only names that carry a PID and this host's name, where that PID is no longer running, are
+    removed; a live writer's temporaries, another host's and names without an owner stay. Each
+    removal is logged; returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    host = _host()
+    for path in sorted([*folder.glob(f".tmp-{name}.*"), *folder.glob(f".old-{name}.*")]):
+        match = _OWNER_RE.match(path.name)
+        if match is None or match.group(2) != host or _alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+        log.warning("removed %s, left behind by a writer that died (PID %s)", path, match.group(1))
+    return removed
+
 
 # Errors of a write that ran out of room: they carry no file name (write(2) has none), so the
 # atomic writers add the destination's, and the CLI prints "<path>: No space left on device".
@@ -114,7 +176,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     with _name_the_destination(final, always=True):  # read-only, parent is a file, ...
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(final), dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -136,7 +198,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     final = Path(path)
     with _name_the_destination(final, always=True):  # read-only, parent is a file, ...
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
     try:
         with _name_the_destination(final):
             yield tmp
@@ -146,7 +208,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
                 raise FileExistsError(
                     errno.EEXIST, "already exists (written meanwhile?)", str(final)
                 )
-            old = final.with_name(f".old-{final.name}.{os.getpid()}")
+            old = old_name(final)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

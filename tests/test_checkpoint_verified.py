@@ -21,13 +21,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from evo2_hydra.checkpoint.integrity import check_module, verify_step_dir
+from evo2_hydra.checkpoint.integrity import all_finite, check_module, verify_step_dir
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.loader import load_module_state_dict
 from evo2_hydra.checkpoint.run_dir import parse_config_yaml, read_saved_run
 from evo2_hydra.errors import UserError
 from evo2_hydra.score import json_line, load_scoring_model
-from evo2_hydra.train.run import run_finetune
+from evo2_hydra.train.run import resumed_config, run_finetune
 from tests.ckpt_factory import make_random_savanna_checkpoint, random_savanna_module
 from tests.test_train_run import CONTEXT, compose_run
 
@@ -351,6 +351,11 @@ def test_broken_saved_config_is_one_line_everywhere(
         with pytest.raises(UserError) as err:
             resume()
         assert re.search(message, one_line(err))
+        if damage is not _bad_value:  # `resume=RUN_DIR` reads the same file first
+            overrides = [f"resume={run_dir}", "train.steps=6"]
+            with pytest.raises(UserError) as err:
+                resumed_config(compose_cfg(overrides), overrides)
+            assert re.search(message, one_line(err))
     assert not (tmp_path / "out").exists()
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step4"
 
@@ -457,3 +462,16 @@ def test_base_checkpoint_cache_is_verified_before_deepspeed_reads_it(finished, t
         assert not marker.exists()
     finally:
         (cache / MODEL).write_bytes(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_reads_the_exponent_bits(dtype):
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype) * 100
+    assert all_finite(values) and all_finite(torch.empty(0, dtype=dtype))
+    info = torch.finfo(dtype)
+    assert all_finite(torch.tensor([info.max, info.min, info.tiny, 0.0, -0.0], dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        damaged = values.clone()
+        damaged[517] = bad
+        assert not all_finite(damaged)
+        assert not all_finite(damaged.reshape(40, 25).t())  # non-contiguous

@@ -132,3 +132,36 @@ def test_chunked_prefill_then_decode(setup):
     for k, token in enumerate(extra[:-1]):
         step = decode_step(model, token.view(1), cache)
         assert (step - reference[:, 2500 + k]).abs().max().item() <= TOL
+
+
+def test_generation_with_a_chunked_prompt_gives_the_same_tokens(setup):
+    from evo2_hydra.generate import generate_tokens
+
+    model, ids, *_ = setup
+    prompt = ids[0, :1500].tolist()
+
+    def greedy(logits):
+        return logits.argmax(dim=-1)
+
+    plain = generate_tokens(model, prompt, 2, 6, greedy)
+    chunked = generate_tokens(model, prompt, 2, 6, greedy, chunk_tokens=512)
+    assert [g.tokens for g in plain] == [g.tokens for g in chunked]
+
+
+def test_automatic_chunking_follows_free_memory():
+    from evo2_hydra.errors import UserError
+    from evo2_hydra.infer.memory import (
+        GIB,
+        activation_bytes_per_token,
+        choose_chunk_tokens,
+        kv_bytes_per_token,
+    )
+
+    cfg = model_config("evo2_1b")
+    cpu, f32 = torch.device("cpu"), torch.float32
+    per_token = activation_bytes_per_token(cfg, f32) + kv_bytes_per_token(cfg, f32)
+    assert choose_chunk_tokens(cfg, 1, 8192, f32, cpu, available=4 * 8192 * per_token) == 0
+    chunk = choose_chunk_tokens(cfg, 1, 1 << 18, f32, cpu, available=64 * GIB)
+    assert 1024 <= chunk < 1 << 18 and chunk % 1024 == 0
+    with pytest.raises(UserError, match="attention KV cache"):
+        choose_chunk_tokens(cfg, 1, 1 << 24, f32, cpu, available=8 * GIB)

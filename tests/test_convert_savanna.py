@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from evo2_hydra.checkpoint.layout import locate_checkpoint
 from evo2_hydra.checkpoint.loader import load_module_state_dict
+from evo2_hydra.checkpoint.mp import check_mp_size
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.checkpoint.writer import verify_manifest
-from evo2_hydra.convert.reshard import check_mp_size
 from evo2_hydra.convert.run import run_convert
 from evo2_hydra.errors import UserError
 from tests.ckpt_factory import make_random_savanna_checkpoint

@@ -230,3 +230,38 @@ def test_concurrent_preprocesses_into_one_prefix_leave_a_matching_summary(tmp_pa
     summary = pre.check_summary(str(prefix), crc=True)
     assert summary["sequences"] == len(MMapIndexedDataset(prefix))
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["d.bin", "d.idx", "d_summary.json"]
+
+
+def test_generate_prompts_from_a_fasta_file(compose_cfg, checkpoint, tmp_path):
+    from evo2_hydra.generate import run_generate
+
+    step, _ = checkpoint
+    prompts = tmp_path / "p.fa"
+    prompts.write_text(">p1 first\nACGT\nac\n>p2\nGGGTTT\n")
+    common = ["task=generate", f"ckpt.path={step}", f"ckpt.context={CONTEXT}", "data=jsonl"]
+    common += ["generate.n=2", "generate.length=8", "generate.temperature=0"]
+    out = run_generate(
+        to_obj(
+            compose_cfg(
+                [*common, f"generate.prompts={prompts}", f"generate.output={tmp_path / 'f'}"]
+            )
+        )
+    )
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(r["prompt_id"], r["prompt"]) for r in rows] == [
+        ("p1", "ACGTAC"),
+        ("p1", "ACGTAC"),
+        ("p2", "GGGTTT"),
+        ("p2", "GGGTTT"),
+    ]
+    single = run_generate(  # the same prompt given directly, lowercase: the same continuation
+        to_obj(
+            compose_cfg([*common, "generate.prompt=acgtac", f"generate.output={tmp_path / 's'}"])
+        )
+    )
+    first = json.loads((single / "generations.jsonl").read_text().splitlines()[0])
+    assert first["text"] == rows[0]["text"]
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">p1\nAC\x07GT\n")
+    with pytest.raises(UserError, match=r"bad\.fa: record 1 \('p1'\): character '\\x07'"):
+        run_generate(to_obj(compose_cfg([*common, f"generate.prompts={bad}"])))

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
+from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
 from evo2_hydra.checkpoint.adapters.vortex import import_vortex_state_dict
 from evo2_hydra.checkpoint.integrity import check_module, expected_tensors
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
@@ -21,9 +22,6 @@ from evo2_hydra.checkpoint.zero3 import gather_zero3_module
 from evo2_hydra.errors import UserError
 
 VORTEX_MARKERS = ("blocks.", "embedding_layer.", "unembed.", "norm.scale")
-IMPORTED_FROM = (
-    "evo2_hydra_imported_from"  # top-level marker on shards converted from another format
-)
 
 
 def is_vortex_state(state: dict) -> bool:

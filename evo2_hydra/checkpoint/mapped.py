@@ -247,3 +247,9 @@ def register_loaded_checkpoint(path: str | Path, obj: Any) -> bool:
         return False
     _active.add(MappedFile(start, size, fd, str(path), sample))
     return True
+
+
+def tensor_crc32(tensor: torch.Tensor) -> str:
+    """CRC32 of the tensor's bytes (row-major), as 8 hex digits (a `concat_rows` placeholder's
+    from its parts): the checksum every manifest records."""
+    return f"{crc32_of(tensor.detach()):08x}"

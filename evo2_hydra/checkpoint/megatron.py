@@ -207,7 +207,7 @@ def _nemo2_arch(context: Path) -> tuple[dict[str, Any], str]:
 
 def _io_json_arch(io_json: Path) -> dict[str, Any]:
     """The model config of a fiddle io.json: its NeMo size class's values plus the set arguments."""
-    from evo2_hydra.convert.nemo import NEMO_SIZES
+    from evo2_hydra.checkpoint.adapters.nemo import NEMO_SIZES
 
     data = json.loads(io_json.read_text())
     objects = data.get("objects", {})
@@ -444,8 +444,8 @@ def _grid(counts: list[int]):
 
 def to_savanna(weights: Mapping[str, Tensor], cfg: ModelConfig, where: str) -> dict[str, Tensor]:
     """The savanna (MP=1) state dict of Megatron-named weights, at the stored hcm filter width."""
-    from evo2_hydra.convert.nemo import nemo_to_savanna
-    from evo2_hydra.convert.vortex import block_index
+    from evo2_hydra.checkpoint.adapters.nemo import nemo_to_savanna
+    from evo2_hydra.checkpoint.adapters.vortex import block_index
 
     adapters = [k for k in weights if ".adapter." in k or "linear_in" in k or "linear_out" in k]
     if adapters:
@@ -482,7 +482,7 @@ def megatron_top_level(path: Path) -> dict[str, Any]:
     The model is the preset the checkpoint's metadata matches; the caller checks it against the
     run's model like any checkpoint's shapes.
     """
-    from evo2_hydra.checkpoint.loader import IMPORTED_FROM
+    from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
 
     ck = detect_megatron(path)
     if ck is None:

@@ -20,6 +20,7 @@ from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.loader import is_vortex_state, load_shards
 from evo2_hydra.checkpoint.megatron import detect_megatron
 from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
+from evo2_hydra.checkpoint.resize import context_width
 from evo2_hydra.checkpoint.run_dir import SavedRun, read_bounded, read_saved_run
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.config import CkptConfig, ConvertConfig, ModelConfig, check_model_ckpt
@@ -84,19 +85,36 @@ def megatron_source(conv: ConvertConfig, ck: Any, path: Path) -> Source:
     return Source(None, ck.kind, [module], model, ckpt, max(1, ck.iteration or 1), {}, None, path)
 
 
-def _cli_model_choice() -> str | None:
-    """`model=X` if the user chose it on the command line (None outside Hydra or when defaulted)."""
+def _cli_overrides() -> dict[str, str] | None:
+    """key -> value of the command line's overrides (None outside a Hydra run)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = HydraConfig.get().overrides.task
     except Exception:
         return None
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.lstrip("+~") == "model":
-            return value
-    return None
+    return {k.lstrip("+~"): v for k, _, v in (item.partition("=") for item in overrides)}
+
+
+def _cli_model_choice() -> str | None:
+    """`model=X` if the user chose it on the command line (None outside Hydra or when defaulted)."""
+    return (_cli_overrides() or {}).get("model")
+
+
+def context_was_given() -> bool:
+    """Whether `ckpt.context` is the user's choice: given on the command line, or the config
+    was built outside a Hydra run (a program passing a ConvertConfig means what it passes)."""
+    overrides = _cli_overrides()
+    return overrides is None or "ckpt.context" in overrides
+
+
+def keep_source_context(ckpt: CkptConfig, width: int | None, where: str) -> CkptConfig:
+    """`ckpt` with `context` = the source's (its context-dependent tensors' width) unless the user
+    chose one: a conversion never resizes on a preset's default (issue #13 item 7)."""
+    if width is None or width == ckpt.context or context_was_given():
+        return ckpt
+    log.info("%s: keeping the source's context %d (give ckpt.context=N to resize)", where, width)
+    return dataclasses.replace(ckpt, context=width)
 
 
 def saved_model(saved: SavedRun) -> ModelConfig:
@@ -161,6 +179,9 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
         iteration if isinstance(iteration, int) and iteration >= 1 else (location.iteration or 1)
     )
     args = first.get("args") if isinstance(first.get("args"), dict) else {}
+    per_shard = [s.shapes() if hasattr(s, "shapes") else shapes_of(s) for s in shards]
+    width = context_width(merged_shapes(per_shard), location.describe())
+    ckpt = keep_source_context(ckpt, width, location.describe())
     return Source(
         location,
         "zero3" if location.is_zero3 else "savanna",

@@ -1,4 +1,4 @@
-"""convert.py targets vortex and nemo, and the streaming savanna writer behind target=savanna.
+"""convert.py targets: vortex, nemo and savanna, each a thin layer over checkpoint/.
 
 Each target: open the source memory-mapped (`source.py`), check it against the model, write into a
 temporary folder next to `output` tensor by tensor with a progress bar, optionally verify (run the
@@ -9,6 +9,7 @@ into place. Any error before the rename leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -17,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from evo2_hydra.checkpoint import nemo_io
 from evo2_hydra.checkpoint.adapters import nemo as nemo_format
 from evo2_hydra.checkpoint.adapters import vortex as vortex_format
+from evo2_hydra.checkpoint.loader import load_module_state_dict
+from evo2_hydra.checkpoint.manifest import write_export_manifest
+from evo2_hydra.checkpoint.mp import check_mp_size
 from evo2_hydra.checkpoint.prepare import check_checkpoint
 from evo2_hydra.checkpoint.resize import context_width
 from evo2_hydra.checkpoint.stream import (
@@ -30,9 +35,9 @@ from evo2_hydra.checkpoint.stream import (
     conversion_progress,
     return_freed_memory_to_os,
     tensor_nbytes,
-    write_manifest,
 )
-from evo2_hydra.config import ConvertConfig, ModelConfig
+from evo2_hydra.checkpoint.writer import write_savanna_dir
+from evo2_hydra.config import CastDtype, ConvertConfig, ModelConfig
 from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.verify import max_logit_difference, should_verify
 from evo2_hydra.errors import UserError
@@ -115,7 +120,7 @@ def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
             return dict(vortex_format.vortex_to_savanna(vortex_state, context=width))
 
         diff = _verify(conv, src, state, reimport, fold_hcm=True)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target="vortex",
@@ -154,7 +159,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
                 src.shapes(),
                 fmt=conv.target.format,
                 model_size=conv.target.model_size,
-                context=conv.ckpt.context,
+                context=src.ckpt.context,
                 on_tensor=written_one,
             )
 
@@ -163,7 +168,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             return nemo_format.nemo_to_savanna(weights, cfg)
 
         diff = _verify(conv, src, state, reimport)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target=f"nemo/{conv.target.format.value}",
@@ -178,25 +183,37 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
 # savanna
 
 
+def with_context(run_config_yaml: str | None, context: int) -> str | None:
+    """The source's saved run config, its `ckpt.context` set to what the tensors now are (the
+    text unchanged when it already agrees)."""
+    if run_config_yaml is None:
+        return None
+    saved = yaml.safe_load(run_config_yaml)
+    ckpt = saved.get("ckpt") if isinstance(saved, dict) else None
+    if not isinstance(ckpt, dict) or ckpt.get("context") == context:
+        return run_config_yaml
+    ckpt["context"] = context
+    return yaml.safe_dump(saved, sort_keys=False)
+
+
 def described_config(conv: ConvertConfig, cfg: ModelConfig) -> str:
     """`configs/config.yaml` for a source without one: this conversion's config, resolved model."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     resolved = dataclasses.replace(conv, model=cfg)
     return OmegaConf.to_yaml(OmegaConf.structured(resolved))
 
 
-def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -> Path:
+CAST_DTYPES = {CastDtype.bfloat16: torch.bfloat16, CastDtype.float32: torch.float32}
+
+
+def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
     """Re-save as savanna: MP merge/split (`target.mp`), resize to `ckpt.context`, dtype cast.
 
     Sources: savanna files (any MP), ZeRO-3 folders (gathered to full fp32 tensors), vortex files
-    (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`.
+    (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`,
+    written by the one savanna writer (checkpoint/writer.py).
     """
-    from evo2_hydra.checkpoint.loader import load_module_state_dict
-    from evo2_hydra.convert.reshard import CAST_DTYPES, check_mp_size, write_savanna_dir
-
     return_freed_memory_to_os()
     src = load_source(conv, source)
     cfg = src.model
@@ -204,9 +221,10 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
     pad_to = check_checkpoint(src.shapes(), src.describe(), src.ckpt, cfg)
     mp_out = conv.target.mp or len(src.shards)
     check_mp_size(cfg, mp_out)
+    context = src.ckpt.context
     log.info(
         "savanna: %s -> %s (MP %d -> %d, context -> %d, dtype %s)",
-        src.describe(), output, len(src.shards), mp_out, conv.ckpt.context, conv.target.dtype.value,
+        src.describe(), output, len(src.shards), mp_out, context, conv.target.dtype.value,
     )  # fmt: skip
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         written = write_savanna_dir(
@@ -214,12 +232,13 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
             src.shards,
             mp_out=mp_out,
             iteration=src.iteration,
-            context=conv.ckpt.context,
+            context=context,
             pad_to=pad_to,
             dtype=CAST_DTYPES.get(conv.target.dtype),
             interleave_legacy=conv.ckpt.interleave_legacy,
             args=src.args,
-            run_config_yaml=src.run_config_yaml or described_config(conv, cfg),
+            run_config_yaml=with_context(src.run_config_yaml, context)
+            or described_config(dataclasses.replace(conv, ckpt=src.ckpt), cfg),
             desc=f"savanna (MP {mp_out})",
         )
 
@@ -227,7 +246,7 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
             return load_module_state_dict(tmp)[0]
 
         diff = _verify(conv, src, state, reimport)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target=f"savanna/mp{mp_out}",

@@ -1,8 +1,8 @@
 """FASTA reading: .fa/.fasta/.fna (and .gz, bgzip) through pyfastx, checked before it parses.
 
 pyfastx's streaming `Fastx` reader was picked by measurement (benchmarks/bench_fasta_parsers.py,
-docs/data.md): on 100 MB of wrapped FASTA it parsed 1426 MB/s (10 MB/s-scale records) where
-needletail gave 362, Biopython's SimpleFastaParser 124 and dnaio 117; on gzip 97 vs 91/48/57 MB/s.
+docs/data.md): on 100 MB of wrapped FASTA (1-10 kb records) it parsed 1426 MB/s where needletail
+gave 362, Biopython's SimpleFastaParser 124 and dnaio 117; on gzip 97 vs 91/48/57 MB/s.
 It also writes nothing next to the input (no index files) and handles multi-record, wrapped
 lines, CRLF and multi-member gzip (bgzip).
 

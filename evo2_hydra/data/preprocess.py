@@ -50,7 +50,7 @@ from evo2_hydra.data.jsonl import (
 from evo2_hydra.data.parallel import Encoded, encode_parallel
 from evo2_hydra.data.text import TextPolicy
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import atomic_file, crc32, write_text_atomic
+from evo2_hydra.io_utils import atomic_file, crc32, remove_stale_temporaries, write_text_atomic
 
 log = logging.getLogger("evo2_hydra.data")
 
@@ -361,6 +361,8 @@ def preprocess_files(
     Writes `.bin` and `.idx` under temporary names and renames them into place; the caller
     holds the output lock (`preprocess_to_prefix`).
     """
+    prefix = Path(output_prefix)
+    remove_stale_temporaries(prefix.parent, f"{prefix.name}*")  # of a killed preprocess
     check_inputs(inputs, settings)
     summary = PreprocessSummary(output=output_prefix, text_policy=settings.policy.to_dict())
     total_bytes = sum(input_size(p) for p in inputs)

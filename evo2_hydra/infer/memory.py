@@ -2,9 +2,10 @@
 
 Bytes per token of the unchunked forward's peak (no gradients; D hidden, F MLP width, V vocab,
 b = 2 for bf16 / 4 for float32 compute), the larger of its two stages:
-  Hyena mixer   b * 6 D + 40 D   residual, normed input, 3D projection (compute dtype) and the
+  Hyena mixer   b * 6 D + 100 D  residual, normed input, 3D projection (compute dtype) and the
                                  float32 convolution: conv copy, FFT spectra of input and filter,
-                                 their product, the 2L inverse transform (complex64 = 8 bytes)
+                                 their product, the 2L inverse transform (complex64 = 8 bytes);
+                                 calibrated on bench_long (1B width: 215 KB/token measured)
   MLP           b * (2 D + 3 F)  residual, normed input, w1 and w2 outputs and their product
   + logits      12 V             compute-dtype logits, their float32 copy and log-softmax
 Chunked, the same per-token figure applies to `chunk_tokens` tokens, and the attention KV cache
@@ -24,6 +25,7 @@ MIN_CHUNK = 1024
 # The unchunked forward runs when its estimate is under this share of the free memory.
 UNCHUNKED_SHARE = 0.5
 CHUNK_SHARE = 0.25  # a chunk's activations aim at this share of the free memory
+KV_SHARE = 0.9  # ... and the KV cache plus the chunk stay under this share
 
 
 def _bytes(dtype: torch.dtype) -> int:
@@ -32,13 +34,29 @@ def _bytes(dtype: torch.dtype) -> int:
 
 def activation_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     b, d, f = _bytes(dtype), cfg.hidden_size, cfg.mlp_inner_size
-    hyena = b * 6 * d + 40 * d
+    hyena = b * 6 * d + 100 * d
     mlp = b * (2 * d + 3 * f)
     return max(hyena, mlp) + 12 * cfg.vocab_size
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.layer_types().count("attention") * 2 * cfg.hidden_size * _bytes(dtype)
+
+
+def longest_sequence(
+    cfg: ModelConfig,
+    params: int,
+    device_bytes: float,
+    dtype: torch.dtype = torch.bfloat16,
+    chunk: int = 4096,
+    overhead: float = 2 * GIB,
+) -> int:
+    """Tokens one sequence may have when scored in chunks on a device of `device_bytes`: what is
+    left after the weights, the CUDA context and one chunk's activations (twice, for allocator
+    slack), divided by the KV cache and the token ids (8 bytes) per token."""
+    left = device_bytes - params * _bytes(dtype) - overhead
+    left -= 2 * chunk * activation_bytes_per_token(cfg, dtype)
+    return max(0, int(left // (kv_bytes_per_token(cfg, dtype) + 8)))
 
 
 def forward_bytes(cfg: ModelConfig, batch: int, length: int, chunk: int, dtype: torch.dtype) -> int:
@@ -76,7 +94,7 @@ def choose_chunk_tokens(
     if forward_bytes(cfg, batch, length, 0, dtype) <= UNCHUNKED_SHARE * free:
         return 0
     kv = batch * length * kv_bytes_per_token(cfg, dtype)
-    room = CHUNK_SHARE * free - kv
+    room = min(CHUNK_SHARE * free, KV_SHARE * free - kv)  # the KV cache may take most of it
     per_token = batch * activation_bytes_per_token(cfg, dtype)
     if room < MIN_CHUNK * per_token:
         raise UserError(

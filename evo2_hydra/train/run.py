@@ -452,9 +452,13 @@ def _needs_local_spawn(run: RunConfig) -> bool:
 
 def run_finetune(run: RunConfig) -> dict:
     """Task entry (cli.TASKS[finetune]): check the memory plan, then train on this rank or ranks."""
+    from evo2_hydra.io_utils import remove_stale_temporaries
     from evo2_hydra.train.memory import check_fits
+    from evo2_hydra.train.saving import checkpoint_dir
 
     check_fits(run)
+    # leftovers of a killed save or prune (`.tmp-global_stepN.*`, `.old-global_stepN.*`)
+    remove_stale_temporaries(checkpoint_dir(Path(run.output_dir)))
     if _needs_local_spawn(run):
         from evo2_hydra.train.local_launch import spawn_local_ranks
 
@@ -463,8 +467,6 @@ def run_finetune(run: RunConfig) -> dict:
 
 
 # ---- resume=RUN_DIR ---------------------------------------------------------------------------
-
-SAVED_CONFIG_MAX_BYTES = 1 << 20  # a run's config.yaml is a few KB
 
 
 def _command_line_overrides(texts: list[str] | None = None) -> list[tuple[str, str]]:
@@ -490,14 +492,13 @@ def resumed_config(cfg, overrides: list[str] | None = None):
     """
     from omegaconf import DictConfig
 
+    from evo2_hydra.checkpoint.run_dir import read_config_file
     from evo2_hydra.run_identity import may_change_on_resume
 
     run_dir = Path(str(cfg.resume)).expanduser()
     saved = run_dir / RUN_CONFIG
     if not saved.is_file():
         raise UserError(f"resume={run_dir}: no {RUN_CONFIG} there; expected a run folder")
-    if saved.stat().st_size > SAVED_CONFIG_MAX_BYTES:
-        raise UserError(f"{saved}: {saved.stat().st_size} bytes, not a run config")
     if str(cfg.task) not in ("finetune", "Task.finetune"):
         raise UserError(f"resume={run_dir} continues a finetune; task={cfg.task} cannot resume")
     overrides = _command_line_overrides(overrides)
@@ -508,12 +509,7 @@ def resumed_config(cfg, overrides: list[str] | None = None):
             "saved config defines it); allowed: train.steps, train.save_every, train.keep_last, "
             "train.eval_every, train.eval_steps, train.log_every, cluster.*; start a new run instead"
         )
-    try:
-        tree = yaml.safe_load(saved.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"{saved}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"{saved}: expected a mapping of settings")
+    tree = read_config_file(saved)  # size-limited, aliases refused (checkpoint/run_dir.py)
     from omegaconf.errors import OmegaConfBaseException
 
     try:

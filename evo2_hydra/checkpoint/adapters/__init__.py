@@ -4,3 +4,8 @@
 the `context/` metadata. The files themselves are written by `checkpoint/stream.py` (torch.save
 format) and `checkpoint/nemo_io.py` (DCP / zarr).
 """
+
+# Top-level marker on model-state dicts converted on load from another format (vortex, NeMo2,
+# Megatron-Bridge): they carry no manifest of their savanna form, and preparation records where they
+# came from.
+IMPORTED_FROM = "evo2_hydra_imported_from"
