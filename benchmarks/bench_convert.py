@@ -46,7 +46,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[3])
 from omegaconf import OmegaConf
 from evo2_hydra.config import ModelConfig
-from evo2_hydra.convert.stream import TorchSaveStream
+from evo2_hydra.checkpoint.stream import TorchSaveStream
 from evo2_hydra.model import expected_state_dict_shapes
 path, context = sys.argv[1], int(sys.argv[2])
 yaml = OmegaConf.load(sys.argv[3] + "/conf/model/evo2_1b.yaml"); yaml.pop("defaults")

@@ -7,7 +7,8 @@ groups, 9 hcl layers, bf16, savanna top-level keys) at a reduced filter width (`
 262,144 columns instead of 1,048,576) and, to stay within disk and RAM on a 24 GiB machine, a
 reduced hidden size (`--hidden`, default 1024 instead of 4096: MLP 2816, hcl groups = hidden;
 `--hidden 4096` gives the real 7B dims, a ~15.6 GB file). Then resizes it to `--target` columns:
-- ours: `evo2_hydra.checkpoint.resize_context` (output in savanna layout plus manifest);
+- ours: `evo2_hydra.checkpoint.prepare_base_checkpoint`, the path a finetune takes (checked against
+  the model, written by the one savanna writer: savanna layout plus manifest);
 - plain: `torch.load(whole file)`, replace each filter as extend_filter.py does, `torch.save`.
 Each run is a fresh subprocess, alternating plain/ours, the input read once before each (warm page
 cache for both). Memory is the child's RssAnon polled from /proc every 10 ms (children included:
@@ -31,17 +32,26 @@ from procstat import measure, warm
 
 REPO = Path(__file__).resolve().parents[1]
 
-MAKE = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[4])
-from collections import OrderedDict
+# The 7B-1M layout at `hidden` (sys.argv[5] in OURS, sys.argv[3] in MAKE).
+MODEL = r"""
 from evo2_hydra.config import ModelConfig
-from evo2_hydra.model import expected_state_dict_shapes
-path, width, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+hidden = int(sys.argv[5] if len(sys.argv) > 5 else sys.argv[3])
 mlp = 128 * -(-int(2 * hidden * 4 / 3) // 128)
 cfg = ModelConfig(name="evo2_7b_bench", hidden_size=hidden, num_layers=32,
     operator_pattern="SDH*SDHSDH*SDHSDH*SDHSDH*SDHSDH*", num_attention_heads=hidden // 128,
     hcs_groups=256, hcm_groups=256, hcl_groups=hidden, mlp_inner_size=mlp, max_context=1 << 20)
+"""
+
+MAKE = (
+    r"""
+import sys, torch
+sys.path.insert(0, sys.argv[4])
+from collections import OrderedDict
+from evo2_hydra.model import expected_state_dict_shapes
+path, width = sys.argv[1], int(sys.argv[2])
+"""
+    + MODEL
+    + r"""
 gen = torch.Generator().manual_seed(0)
 module = OrderedDict()
 for key, shape in expected_state_dict_shapes(cfg, width).items():
@@ -53,6 +63,7 @@ shapes = OrderedDict((k, v.shape) for k, v in module.items())
 torch.save({"module": module, "param_shapes": shapes, "dp_world_size": 1, "iteration": 1,
             "args": {"num_layers": 32, "hidden_size": hidden}}, path)
 """
+)
 
 PLAIN = r"""
 import sys, torch
@@ -71,12 +82,19 @@ for key, value in list(ckpt["module"].items()):
 torch.save(ckpt, dst)
 """
 
-OURS = r"""
+OURS = (
+    r"""
 import sys
 sys.path.insert(0, sys.argv[4])
-from evo2_hydra.checkpoint import resize_context
-resize_context(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+from evo2_hydra.checkpoint import prepare_base_checkpoint
+from evo2_hydra.config import CkptConfig
 """
+    + MODEL
+    + r"""
+ckpt = CkptConfig(name="bench", path=sys.argv[1], context=int(sys.argv[3]))
+prepare_base_checkpoint(ckpt, cfg, sys.argv[2])
+"""
+)
 
 
 def main() -> None:
@@ -127,6 +145,7 @@ def main() -> None:
                             str(out),
                             str(args.target),
                             str(REPO),
+                            str(args.hidden),
                         ]
                     )
                 results[name].append(res)

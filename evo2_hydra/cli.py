@@ -1,6 +1,8 @@
 """What both entry points do after Hydra composed the config: validate once, then dispatch.
 
-Validation errors and `UserError`s become one line on stderr and exit code 2; a run folder that
+Validation errors, `UserError`s and file-system errors (an `OSError` naming its path: permission
+denied, a full disk, a parent that is a file) become one line on stderr and exit code 2; this is
+the one place that translates them. Ctrl-C becomes one line and exit code 130. A run folder that
 Hydra created for a run that never started is removed again.
 """
 
@@ -63,6 +65,22 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def describe_os_error(err: OSError) -> str:
+    """`<path>: <cause>` for a file-system error (the path of the file or folder it names)."""
+    cause = err.strerror or str(err) or type(err).__name__
+    if err.filename is None:
+        return cause
+    if err.filename2 is not None:
+        return f"{err.filename} -> {err.filename2}: {cause}"
+    return f"{err.filename}: {cause}"
+
+
+def _interrupted() -> None:
+    _remove_run_dir_if_empty()
+    print("error: interrupted (Ctrl-C): stopped without saving", file=sys.stderr)
+    sys.exit(130)
+
+
 def to_run_config(cfg: DictConfig, schema: type) -> Any:
     """Convert the composed config to dataclasses once, so `__post_init__` rules run."""
     try:
@@ -78,20 +96,45 @@ def to_run_config(cfg: DictConfig, schema: type) -> Any:
 
 
 def run_launch(cfg: DictConfig) -> Any:
+    if cfg.get("resume"):  # resume=RUN_DIR: the run's saved config, few overrides allowed
+        from evo2_hydra.train.run import resumed_config
+
+        try:
+            cfg = resumed_config(cfg)
+        except (UserError, ConfigError) as err:
+            _fail(str(err))
     run: RunConfig = to_run_config(cfg, RunConfig)
     try:
-        return _resolve(TASKS[run.task])(run)
+        if run.task not in (Task.plan, Task.preprocess):
+            from evo2_hydra.checkpoint.hub import pin_config_paths
+
+            pin_config_paths(run)  # hf:// ids -> their commit, so the saved config pins it
+        result = _resolve(TASKS[run.task])(run)
     except (UserError, ConfigError) as err:
         _fail(str(err))
+    except OSError as err:
+        _fail(describe_os_error(err))
+    except KeyboardInterrupt:
+        _interrupted()
     finally:
         _remove_run_dir_if_empty()
+    if isinstance(result, dict) and result.get("stopped_by") == "SIGINT":
+        sys.exit(130)  # stopped by Ctrl-C after saving (the summary said so): not a success
+    return result
 
 
 def run_convert(cfg: DictConfig) -> Any:
     conv: ConvertConfig = to_run_config(cfg, ConvertConfig)
     try:
+        from evo2_hydra.checkpoint.hub import pin_config_paths
+
+        pin_config_paths(conv)  # hf:// ids -> their commit (hub.py)
         return _resolve(CONVERT)(conv)
     except (UserError, ConfigError) as err:
         _fail(str(err))
+    except OSError as err:
+        _fail(describe_os_error(err))
+    except KeyboardInterrupt:
+        _interrupted()
     finally:
         _remove_run_dir_if_empty()

@@ -58,6 +58,23 @@ class OnError(str, Enum):
     skip = "skip"
 
 
+class Alphabet(str, Enum):  # a sequence holding characters outside data.charset (docs/data.md)
+    error = "error"  # one line naming file, line/record and character; exit 2
+    skip = "skip"  # leave the record out, counted in the summary
+    keep = "keep"  # keep its bytes as tokens, counted (bytes 0/1 = EOD/PAD are still refused)
+
+
+class Charset(str, Enum):
+    printable = "printable"  # ASCII 32..126: bases, N, IUPAC codes, phylogenetic tags
+    iupac = "iupac"  # A C G T U N + IUPAC ambiguity codes, either case
+
+
+class ReverseComplement(str, Enum):
+    none = "none"
+    both = "both"  # each window and its reverse complement (twice the documents)
+    random = "random"  # each window or its reverse complement, a seeded choice per window
+
+
 class Precision(str, Enum):
     bf16 = "bf16"
     fp32 = "fp32"
@@ -241,18 +258,47 @@ class CkptConfig:
 
 @dataclass
 class ConditionConfig:
-    """Prepend a conditioning token chosen by a JSONL field (e.g. clade A -> '1')."""
+    """Prepend a conditioning token chosen per record (e.g. clade A -> '1').
+
+    The class name comes from a JSONL field (`field`), or for FASTA from the header
+    (`header_regex`, one group) or a two-column TSV `id<TAB>class` (`tsv`).
+    """
 
     # (`tokens` comes first: the attribute `field` would shadow dataclasses.field below it)
     tokens: dict[str, str] = field(default_factory=dict)  # class name -> single-byte token
     field: str | None = (
         None  # JSONL field holding the class name; None = sequences used as they are
     )
+    header_regex: str | None = None  # FASTA: regex on the header line (after '>'), one group
+    tsv: str | None = None  # FASTA: TSV file, record id <TAB> class name (no header row)
+
+    @property
+    def enabled(self) -> bool:
+        return self.field is not None or self.header_regex is not None or self.tsv is not None
+
+    def __post_init__(self) -> None:
+        if self.header_regex is not None:
+            import re
+
+            try:
+                groups = re.compile(self.header_regex).groups
+            except re.error as err:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r}: not a regex ({err})"
+                ) from None
+            if groups != 1:
+                raise ConfigError(
+                    f"data.condition.header_regex={self.header_regex!r} has {groups} groups; "
+                    "expected exactly one (the class name)"
+                )
+            if self.tsv is not None:
+                raise ConfigError("data.condition: give header_regex or tsv, not both")
 
 
 @dataclass
 class DataConfig:
-    # Training input: JSONL (.jsonl / .jsonl.gz) path(s), or BIN/IDX prefix(es). One path or a list.
+    # Training input: JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz], bgzip too) path(s), or
+    # BIN/IDX prefix(es). One path or a list.
     input: Any = None
     valid_input: Any = None  # validation input(s); None = carve it out of `input` with `split`
     test_input: Any = None
@@ -264,7 +310,20 @@ class DataConfig:
     text_key: str = "text"
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     truncate: bool = False  # padded mode: cut documents longer than the context instead of failing
-    on_error: OnError = OnError.fail  # bad JSONL lines: fail, or skip and count them
+    # bad JSONL lines / FASTA records: fail, or skip and count them
+    on_error: OnError = OnError.fail
+    # Characters outside data.charset: error | skip the record | keep (docs/data.md, text policy).
+    alphabet: Alphabet = Alphabet.error
+    charset: Charset = Charset.printable
+    # Cut records longer than `window` characters into windows starting every `stride` characters
+    # (overlap = window - stride). null = records as they are; 0 = fit ckpt.context (minus the
+    # conditioning token and EOD). A last window shorter than `window` is kept unless
+    # keep_partial_window=false.
+    window: int | None = None
+    stride: int | None = None  # null = window (no overlap)
+    keep_partial_window: bool = True
+    reverse_complement: ReverseComplement = ReverseComplement.none  # augmentation at preprocessing
+    reverse_complement_seed: int = 1234  # reverse_complement=random: which windows are flipped
     to_upper: ToUpper = ToUpper.normalized_weighted
     lowercase_weight: float = 0.1  # loss weight of lowercase labels (to_upper weighted modes)
     mask_control_tags: bool = True  # drop phylogenetic tag spans from the loss (savanna §5.3)
@@ -283,6 +342,18 @@ class DataConfig:
                 raise ConfigError(
                     f"data.condition.tokens.{name}={token!r}: a conditioning token must be one byte"
                 )
+            if str(token) in ("\x00", "\x01"):
+                raise ConfigError(
+                    f"data.condition.tokens.{name}: bytes 0 and 1 are the EOD and PAD tokens"
+                )
+        if self.window is not None and self.window < 0:
+            raise ConfigError(
+                f"data.window={self.window}: expected a length, 0 (fit the context) or null"
+            )
+        if self.stride is not None and (self.stride <= 0 or self.window is None):
+            raise ConfigError(
+                f"data.stride={self.stride}: expected a positive step, together with data.window"
+            )
 
     @staticmethod
     def as_list(value: Any) -> list[str]:
@@ -405,9 +476,10 @@ def check_chunk_tokens(section: str, value: int | None) -> None:
 
 @dataclass
 class ScoreConfig:
-    input: str | None = None  # JSONL with sequences to score
-    output: str | None = None  # output folder (must not exist yet); None = <run folder>/score
-    text_key: str = "text"  # JSONL field holding the sequence
+    input: str | None = None  # JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna[.gz]) of sequences
+    # output folder (must not exist yet); None = <checkpoint's run>/scores/<time>
+    output: str | None = None
+    text_key: str = "text"  # JSONL field holding the sequence (FASTA: the record's sequence)
     logits: bool = False  # also write [L, 512] float32 logits per sequence (.npy)
     dtype: ScoreDtype = ScoreDtype.float32
     batch_size: int = 1  # sequences per forward pass (right-padded; causal, so padding is inert)
@@ -426,6 +498,8 @@ class ScoreConfig:
 @dataclass
 class GenerateConfig:
     prompt: str = ""  # text the sequences continue (printable ASCII; after the condition token)
+    # JSONL/FASTA file of prompts (instead of `prompt`): n sequences continue each record
+    prompts: str | None = None
     condition: str | None = None  # a class name from the run's conditioning mapping
     n: int = 1  # sequences to sample
     length: int = 100  # new tokens per sequence (at most; stops earlier at EOD)
@@ -439,7 +513,7 @@ class GenerateConfig:
     # torch threads on CPU; 0 = auto: 1 below hidden_size 1024 (per-token ops too small to split:
     # 2 threads made evo2_tiny ~17x slower), else torch's default
     cpu_threads: int = 0
-    output: str | None = None  # output folder; None = <run folder>/generations/<time>
+    output: str | None = None  # output folder; None = <checkpoint's run>/generations/<time>
     # prompt prefill in chunks of this many tokens (None = automatic, 0 = one pass)
     chunk_tokens: int | None = None
 
@@ -534,7 +608,12 @@ class RunConfig:
     """Root config of launch.py."""
 
     task: Task = Task.finetune
-    run_name: str = "${model.name}-ctx${ckpt.context}"
+    # run folder name under paths.output_root/runs: <model>-<data>-<hash of the identity
+    # settings> (evo2_hydra/run_identity.py), so the same command finds its own folder again
+    run_name: str = "${evo2_run_name:}"
+    # continue the run in this folder with its saved config; only settings that may change on
+    # resume (train.steps, save/eval/log cadence, cluster.*) may be overridden
+    resume: str | None = None
     seed: int = 1234
     dry_run: bool = False  # validate and print what would run, run nothing
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -612,6 +691,10 @@ def register_configs() -> None:
     """
     if not OmegaConf.has_resolver("evo2_repo"):
         OmegaConf.register_new_resolver("evo2_repo", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("evo2_run_name"):
+        from evo2_hydra.run_identity import run_name_resolver
+
+        OmegaConf.register_new_resolver("evo2_run_name", run_name_resolver)
     cs = ConfigStore.instance()
     cs.store(name="base_run", node=RunConfig)
     cs.store(name="base_convert", node=ConvertConfig)

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf import OmegaConf
 
 from evo2_hydra.config import (
     CkptConfig,
@@ -39,19 +37,19 @@ from evo2_hydra.config import (
     RunConfig,
     ScoreDtype,
 )
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint, upper_ids
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
 from evo2_hydra.model import StripedHyena2
 from evo2_hydra.model.chunked import prefill_chunked
 from evo2_hydra.model.decode import decode_step, prefill, repeat_batch
+from evo2_hydra.outputs import check_new_output, default_output
 from evo2_hydra.score import load_scoring_model, pick_device
 
 log = logging.getLogger(__name__)
 
 EOD = 0  # CharLevelTokenizer end of document
 PRINTABLE = range(32, 127)  # the byte values prompts may hold and sampling may produce
-CONDITIONS_FILE = "conditions.json"  # written by the finetune run next to each checkpoint
-SAVED_CONFIG = ("configs/config.yaml",)  # relative to the step folder
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -166,45 +164,6 @@ class GenerationSource:
     checkpoint: dict = field(default_factory=dict)  # what the output records about the weights
 
 
-def _saved_run_config(location) -> tuple[dict | None, Path | None]:
-    """Our checkpoints carry the run config: in the step folder, else in the run folder."""
-    candidates = []
-    if location.step_dir is not None:
-        candidates += [location.step_dir / rel for rel in SAVED_CONFIG]
-        candidates.append(location.step_dir.parent.parent / "config.yaml")  # run/checkpoints/step
-    if location.source.is_dir():
-        candidates.append(location.source / "config.yaml")
-    for path in candidates:
-        if path.is_file():
-            try:
-                saved = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as err:
-                raise UserError(f"{path}: not valid YAML ({err})") from None
-            if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
-                return saved, path
-    return None, None
-
-
-def _model_from_saved(saved: dict, path: Path) -> ModelConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved["model"])
-        return OmegaConf.to_object(merged)
-    except Exception as err:  # noqa: BLE001 - any schema problem is a bad file
-        raise UserError(
-            f"{path}: the saved `model` section does not fit the schema ({err})"
-        ) from None
-
-
-def _read_conditions(path: Path) -> dict[str, str]:
-    try:
-        mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
-    if not isinstance(mapping, dict):
-        raise UserError(f"{path}: expected an object of class name -> token")
-    return {str(k): str(v) for k, v in mapping.items()}
-
-
 def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> GenerationSource:
     """Locate `ckpt.path` and collect model, context, EOD use and conditioning mapping."""
     if not ckpt.path:
@@ -212,6 +171,7 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
             "task=generate needs ckpt.path (a run folder, a savanna checkpoint or a vortex .pt)"
         )
     from evo2_hydra.checkpoint import locate_checkpoint
+    from evo2_hydra.checkpoint.run_dir import read_saved_run
 
     location = locate_checkpoint(ckpt.path)
     record = {
@@ -219,38 +179,32 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
         "resolved": location.describe(),
         "iteration": location.iteration,
     }
-    saved, saved_path = _saved_run_config(location)
+    saved = read_saved_run(location)
     if saved is None:
         conditions = (
             {str(k): str(v) for k, v in data.condition.tokens.items()}
-            if data.condition.field is not None
+            if data.condition.enabled
             else {}
         )
         return GenerationSource(
             model, ckpt.context, data.append_eod, conditions, "the command line", record
         )
-    saved_model = _model_from_saved(saved, saved_path)
+    saved_model = saved.model()
     if saved_model.name != model.name:
         log.info(
             "using the run's model %s (saved in %s), not model=%s",
             saved_model.name,
-            saved_path,
+            saved.config_path,
             model.name,
         )
-    saved_data = saved.get("data") or {}
-    conditions_file = location.step_dir / CONDITIONS_FILE if location.step_dir else None
-    if conditions_file is not None and conditions_file.is_file():
-        conditions = _read_conditions(conditions_file)
-    else:
-        cond = saved_data.get("condition") or {}
-        conditions = dict(cond.get("tokens") or {}) if cond.get("field") else {}
-    record["run_config"] = str(saved_path)
+    context, append_eod = saved.context, saved.append_eod
+    record["run_config"] = str(saved.config_path)
     return GenerationSource(
         model=saved_model,
-        context=int((saved.get("ckpt") or {}).get("context", ckpt.context)),
-        append_eod=bool(saved_data.get("append_eod", data.append_eod)),
-        conditions={str(k): str(v) for k, v in conditions.items()},
-        facts_from=str(saved_path),
+        context=ckpt.context if context is None else context,
+        append_eod=data.append_eod if append_eod is None else append_eod,
+        conditions=saved.conditions(),
+        facts_from=str(saved.config_path),
         checkpoint=record,
     )
 
@@ -258,19 +212,33 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
 # ------------------------------------------------------------------------------ input checks
 
 
-def check_prompt(prompt: str) -> list[int]:
+def check_prompt(prompt: str, where: str = "generate.prompt") -> list[int]:
     for position, char in enumerate(prompt):
         if ord(char) not in PRINTABLE:
             raise UserError(
-                f"generate.prompt: character {char!r} at position {position} is outside the "
+                f"{where}: character {char!r} at position {position} is outside the "
                 "vocabulary (printable ASCII, byte values 32..126)"
             )
     return list(prompt.encode("ascii"))
 
 
-def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> list[int]:
-    """Token ids the model is fed: the condition's token (if any), then the prompt."""
-    ids = check_prompt(settings.prompt)
+def conditioned_prompt(
+    settings: GenerateConfig,
+    source: GenerationSource,
+    policy: TextPolicy | None = None,
+    prompt: str | None = None,
+    where: str = "generate.prompt",
+) -> list[int]:
+    """Token ids the model is fed: the condition's token (if any), then the prompt (`prompt`, or
+    else generate.prompt), as the run's text policy makes model input (upper-cased when it
+    trained upper-cased)."""
+    text = settings.prompt if prompt is None else prompt
+    ids = check_prompt(text, where)
+    if policy is not None:
+        normalized = policy.normalize(text, where, model=True)
+        if normalized is None:  # data.alphabet=skip: a single prompt cannot be left out
+            raise UserError(f"{where}: {policy.problem(text)}")
+        ids = list(normalized.encode("ascii"))
     if settings.condition is not None:
         if not source.conditions:
             raise UserError(
@@ -283,7 +251,9 @@ def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> li
                 f"generate.condition={settings.condition} is not in the run's conditioning "
                 f"mapping (known: {known}; read from {source.facts_from})"
             )
-        ids = list(source.conditions[settings.condition].encode("utf-8")) + ids
+        token = list(source.conditions[settings.condition].encode("utf-8"))
+        # training upper-cases every input token, the conditioning token included
+        ids = (upper_ids(token) if policy is not None and policy.upper else token) + ids
     if not ids:
         raise UserError(
             "generate.prompt is empty and no generate.condition is given: nothing to start from"
@@ -297,23 +267,34 @@ def conditioned_prompt(settings: GenerateConfig, source: GenerationSource) -> li
     return ids
 
 
+def prompt_list(
+    settings: GenerateConfig, source: GenerationSource, policy: TextPolicy
+) -> list[tuple[object, str, list[int]]]:
+    """(prompt id, prompt text, token ids) for generate.prompt, or for each record of the
+    generate.prompts file (JSONL or FASTA, read by `evo2_hydra.data.records`)."""
+    if not settings.prompts:
+        return [(None, settings.prompt, conditioned_prompt(settings, source, policy))]
+    if settings.prompt:
+        raise UserError("give generate.prompt or generate.prompts (a file), not both")
+    from evo2_hydra.data.records import read_sequences
+
+    records, skipped = read_sequences(settings.prompts, key="generate.prompts", policy=policy)
+    if skipped:
+        log.warning("generate.prompts: skipped %d prompts, e.g. %s", len(skipped), skipped[0])
+    return [
+        (r.id, r.text, conditioned_prompt(settings, source, policy, r.text, r.where))
+        for r in records
+    ]
+
+
 # ------------------------------------------------------------------------------ the task
 
 
-def _output_folder(settings: GenerateConfig, run_dir: str) -> Path:
+def _output_folder(settings: GenerateConfig, run: RunConfig) -> Path:
     if settings.output:
-        output = Path(settings.output)
-        if output.exists() and any(output.iterdir()):
-            raise UserError(
-                f"generate.output={output} already exists and is not empty; choose a new folder"
-            )
-        return output
-    base = Path(run_dir) / "generations" / time.strftime("%Y%m%d-%H%M%S")
-    output, k = base, 0
-    while output.exists():
-        k += 1
-        output = base.with_name(f"{base.name}-{k}")
-    return output
+        return check_new_output(Path(settings.output), "generate.output")
+    # the checkpoint's own run folder (or one named after it), a fresh folder per call
+    return default_output(run.ckpt.path, run.paths.output_root, "generations")
 
 
 def _fasta(rows: list[dict]) -> str:
@@ -363,8 +344,9 @@ def run_generate(run: RunConfig) -> Path | None:
         log.info("rank %d: generation runs on rank 0 only; nothing to do here", rank)
         return None
     source = describe_source(run.ckpt, run.model, run.data)
-    prompt_ids = conditioned_prompt(settings, source)  # every input check before loading weights
-    output = _output_folder(settings, run.output_dir)
+    policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)
+    prompts = prompt_list(settings, source, policy)  # every input check before loading weights
+    output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
     dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
     model = load_scoring_model(source.model, run.ckpt, dtype, device)
@@ -387,22 +369,26 @@ def run_generate(run: RunConfig) -> Path | None:
     )
     from evo2_hydra.infer.common import resolve_chunk
 
-    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, len(prompt_ids))
+    longest = max(len(ids) for _, _, ids in prompts)
+    chunk = resolve_chunk(settings.chunk_tokens, model, source.model, 1, longest)
     started = time.perf_counter()
     generated: list[Generated] = []
+    prompt_of: list[tuple[object, str]] = []  # (prompt id, prompt text) per generated sequence
     with threads:
-        for start in range(0, settings.n, settings.batch_size):
-            batch = min(settings.batch_size, settings.n - start)
-            generated += generate_tokens(
-                model,
-                prompt_ids,
-                batch,
-                settings.length,
-                lambda logits: sample_next(logits, settings, allowed, generator),
-                cached=settings.cached,
-                stop_token=stop,
-                chunk_tokens=chunk,
-            )
+        for prompt_id, prompt_text, prompt_ids in prompts:
+            for start in range(0, settings.n, settings.batch_size):
+                batch = min(settings.batch_size, settings.n - start)
+                generated += generate_tokens(
+                    model,
+                    prompt_ids,
+                    batch,
+                    settings.length,
+                    lambda logits: sample_next(logits, settings, allowed, generator),
+                    cached=settings.cached,
+                    stop_token=stop,
+                    chunk_tokens=chunk,
+                )
+                prompt_of += [(prompt_id, prompt_text)] * batch
     seconds = time.perf_counter() - started
     new_tokens = sum(len(g.tokens) + g.stopped_at_eod for g in generated)
     log.info("%d tokens in %.2f s (%.1f tokens/s)", new_tokens, seconds, new_tokens / seconds)
@@ -418,7 +404,8 @@ def run_generate(run: RunConfig) -> Path | None:
                 "condition_token": source.conditions.get(settings.condition)
                 if settings.condition is not None
                 else None,
-                "prompt": settings.prompt,
+                "prompt": prompt_of[i][1],
+                **({"prompt_id": prompt_of[i][0]} if settings.prompts else {}),
                 "text": bytes(g.tokens).decode("ascii"),
                 "length": len(g.tokens),
                 "stop": "eod" if g.stopped_at_eod else "length",

@@ -19,6 +19,7 @@ import torch
 
 from evo2_hydra.config import ModelConfig, OutputFormat, Precision, RunConfig
 from evo2_hydra.model import build_model
+from evo2_hydra.train.memory import run_memory_estimate
 
 
 @dataclass
@@ -92,14 +93,33 @@ def _model_builder(run: RunConfig) -> PlanSection:
     return model_section(run.model, run.ckpt.context, weight_dtype(run.train.precision))
 
 
-def _memory_builder(run: RunConfig) -> PlanSection:
-    from evo2_hydra.train.memory import memory_section  # TRAIN's per-GPU memory estimate
-
-    return memory_section(run)
+def memory_section(run: RunConfig) -> PlanSection:
+    """task=plan section: the estimate for this run's ZeRO stage, world size, batch and context."""
+    est = run_memory_estimate(run)
+    t = run.train
+    verdict = "fits" if est.fits else "does NOT fit (launch.py refuses it unless plan.force=true)"
+    lines = [
+        f"ZeRO-{t.zero_stage}, {t.precision.value}, world size {run.cluster.world_size}, "
+        f"micro batch {t.micro_batch_size} x context {run.ckpt.context}, activation "
+        f"checkpointing {'on' if t.activation_checkpointing else 'off'}",
+        f"weights      {est.weights_gb:8.2f} GiB",
+        f"gradients    {est.grads_gb:8.2f} GiB",
+        f"optimizer    {est.optimizer_gb:8.2f} GiB",
+        f"buffers      {est.buffers_gb:8.2f} GiB",
+        f"activations  {est.activations_gb:8.2f} GiB",
+        f"overhead     {est.overhead_gb:8.2f} GiB",
+        f"total        {est.total_gb:8.2f} GiB per GPU of {est.gpu_memory_gb:g} GiB "
+        f"(cluster.gpu_memory_gb): {verdict}",
+    ]
+    return PlanSection(
+        title="memory per GPU (estimate; formulas in evo2_hydra/train/memory.py)",
+        lines=lines,
+        data={"memory": est.as_dict()},
+    )
 
 
 # Each builder takes the run config and returns one section, in report order.
-SECTION_BUILDERS: list[Callable[[RunConfig], PlanSection]] = [_model_builder, _memory_builder]
+SECTION_BUILDERS: list[Callable[[RunConfig], PlanSection]] = [_model_builder, memory_section]
 
 
 def build_plan(run: RunConfig) -> list[PlanSection]:

@@ -3,9 +3,13 @@
     python launch.py task=score model=evo2_7b ckpt=savanna_evo2_7b_base ckpt.path=CKPT \
         score.input=seqs.jsonl score.output=scores/ [score.logits=true] [score.dtype=bfloat16]
 
-Input: JSONL, one object per line with the sequence under `score.text_key` (optional `id`).
-Tokens are the UTF-8 bytes of the sequence as given (Evo 2's CharLevelTokenizer, no BOS).
-Output folder (written atomically): `scores.jsonl`, one row per input line in order with
+Input: JSONL, one object per line with the sequence under `score.text_key` (optional `id`), or
+FASTA (the record id is the id); plain or gzip (`evo2_hydra.data.records`). Each sequence goes
+through the run's text policy (`evo2_hydra.data.text`: upper-cased when the run trained
+upper-cased, characters outside `data.charset` per `data.alphabet`); its tokens are then the
+bytes (Evo 2's CharLevelTokenizer, no BOS).
+Output folder (written atomically; default: a fresh `scores/<time>/` in the checkpoint's run folder,
+see evo2_hydra/outputs.py): `scores.jsonl`, one row per input line in order with
 `sum_log_likelihood` = sum over positions 1..L-1 of log p(token_i | tokens_<i) in nats and
 `mean_log_likelihood` = that sum / (L-1); with `score.logits=true`, `logits/{index:06d}.npy`, the
 full `[L, 512]` float32 logits of each sequence; with `score.log_probs=true`,
@@ -32,8 +36,12 @@ from evo2_hydra.config import (
     ScoreConfig,
     ScoreDtype,
 )
+from evo2_hydra.data.records import SequenceRecord
+from evo2_hydra.data.records import read_sequences as read_records
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint
 from evo2_hydra.errors import UserError
 from evo2_hydra.model import StripedHyena2, build_model, load_into_model
+from evo2_hydra.outputs import check_new_output, default_output
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +50,32 @@ COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 CONTEXT_SUFFIXES = ("mixer.mixer.filter.h", "mixer.mixer.filter.decay", "mixer.mixer.filter.t")
 
 
-@dataclass
-class Record:
-    index: int
-    id: object
-    text: str
-
-
-def read_sequences(path: Path, text_key: str, max_len: int) -> list[Record]:
-    """Parse and validate every line before any work; errors name the file and line."""
-    if not path.is_file():
-        raise UserError(f"score.input={path}: no such file")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            text = obj.get(text_key) if isinstance(obj, dict) else None
-            if not isinstance(text, str) or len(text) < 2:
-                raise UserError(
-                    f"{path}:{lineno}: expected an object with a string '{text_key}' of at least "
-                    "2 characters (set score.text_key for another field)"
-                )
-            if len(text.encode("utf-8")) > max_len:
-                raise UserError(
-                    f"{path}:{lineno}: sequence of {len(text.encode('utf-8'))} tokens exceeds "
-                    f"ckpt.context={max_len}"
-                )
-            records.append(Record(len(records), obj.get("id"), text))
+def read_sequences(
+    path: Path, text_key: str, max_len: int, policy: TextPolicy | None = None
+) -> list[SequenceRecord]:
+    """Parse, normalise and validate every record before any work; errors name file and line."""
+    records, skipped = read_records(
+        path,
+        key="score.input",
+        policy=policy or TextPolicy(),
+        text_key=text_key,
+        min_length=2,
+    )
+    if skipped:
+        log.warning(
+            "skipped %d sequences with characters outside data.charset (data.alphabet=skip), "
+            "e.g. %s",
+            len(skipped),
+            skipped[0],
+        )
+    for record in records:
+        if len(record.text.encode("utf-8")) > max_len:
+            raise UserError(
+                f"{record.where}: sequence of {len(record.text.encode('utf-8'))} tokens exceeds "
+                f"ckpt.context={max_len}"
+            )
     if not records:
-        raise UserError(f"{path}: no sequences")
+        raise UserError(f"{path}: no sequences left to score")
     return records
 
 
@@ -106,7 +106,8 @@ def load_scoring_model(
         )
     from evo2_hydra.checkpoint import load_module_state_dict
 
-    state, _meta = load_module_state_dict(ckpt.path, trust_pickle=ckpt.trust_pickle)
+    # finite=True: NaN/Inf weights would make every score NaN without a word
+    state, _meta = load_module_state_dict(ckpt.path, trust_pickle=ckpt.trust_pickle, finite=True)
     if ckpt.interleave_legacy:
         from evo2_hydra.checkpoint.legacy import interleave_legacy_projections
 
@@ -232,6 +233,17 @@ def _score_all(
     return rows
 
 
+def json_line(row: dict, source: Path) -> str:
+    """One scores.jsonl row; a NaN/Inf score is an error, never written (bare NaN is not JSON)."""
+    try:
+        return json.dumps(row, allow_nan=False)
+    except ValueError:
+        raise UserError(
+            f"{source}: the score of record {row['index']} (id {row['id']!r}) is not finite; "
+            "the model's outputs overflowed (try score.dtype=float32)"
+        ) from None
+
+
 def run_score(run: RunConfig) -> Path:
     """Score every sequence of `score.input`; returns the output folder.
 
@@ -243,19 +255,22 @@ def run_score(run: RunConfig) -> Path:
 
     score: ScoreConfig = run.score
     if not score.input:
-        raise UserError("task=score needs score.input (a JSONL file of sequences)")
+        raise UserError("task=score needs score.input (a JSONL or FASTA file of sequences)")
     sharded = max(rank_and_world()[1], run.cluster.world_size) > 1
     if sharded and not score.output:
         raise UserError(
             "task=score with several processes needs score.output: the folder every rank shares "
             "(a re-run with the same folder resumes the unfinished shards)"
         )
-    output = Path(score.output) if score.output else Path(run.output_dir) / "score"
-    if not sharded and output.exists() and any(output.iterdir()):
-        raise UserError(
-            f"score.output={output} already exists and is not empty; choose a new folder"
-        )
-    records = read_sequences(Path(score.input), score.text_key, run.ckpt.context)
+    if sharded:
+        output = Path(score.output)
+    elif score.output:
+        output = check_new_output(Path(score.output), "score.output")
+    else:  # the checkpoint's own run folder (or one named after it), a fresh folder per call
+        output = default_output(run.ckpt.path, run.paths.output_root, "scores")
+    policy, policy_from = policy_for_checkpoint(run.ckpt.path, run.data)
+    log.info("text policy (from %s): %s", policy_from, policy.to_dict())
+    records = read_sequences(Path(score.input), score.text_key, run.ckpt.context, policy)
     dtype = torch.bfloat16 if score.dtype == ScoreDtype.bfloat16 else torch.float32
 
     def work(items, tmp: Path) -> None:
@@ -279,7 +294,7 @@ def run_score(run: RunConfig) -> Path:
         )
         with (tmp / "scores.jsonl").open("w") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row, Path(score.input)) + "\n")
 
     def merge(shards: list[Path], target: Path) -> None:
         merge_jsonl(shards, "scores.jsonl", target)

@@ -66,14 +66,9 @@ def test_zero3_detected_and_reported(tmp_path, monkeypatch):
     assert loc.is_zero3 and loc.mp == 1 and len(loc.zero3_files[0]) == 2
     import evo2_hydra.checkpoint.loader as loader
 
-    monkeypatch.setattr(
-        loader, "ZERO3_GATHERER", ("tests.test_checkpoint_layout", "fake_zero3_gatherer")
-    )
+    monkeypatch.setattr(loader, "gather_zero3_module", fake_zero3_gatherer)
     module, meta = load_module_state_dict(step)
     assert torch.equal(module["w"], torch.full((2,), 2.0)) and meta["iteration"] == 5
-    monkeypatch.setattr(loader, "ZERO3_GATHERER", ("evo2_hydra.no_such_module", "f"))
-    with pytest.raises(UserError, match=r"global_step5 \(ZeRO-3, MP=1, 2 data-parallel shards\)"):
-        load_module_state_dict(step)
 
 
 def fake_zero3_gatherer(location, *, trust_pickle=False):
@@ -83,7 +78,7 @@ def fake_zero3_gatherer(location, *, trust_pickle=False):
 def fake_vortex_importer(state, path):
     return {
         "sequential.0.word_embeddings.weight": state["embedding_layer.weight"],
-        "from": str(path),
+        "from._extra_state": str(path),  # opaque entries pass the loader's checks
     }
 
 
@@ -94,16 +89,10 @@ def test_vortex_file_detected_and_handed_to_the_importer(tmp_path, monkeypatch):
     )
     import evo2_hydra.checkpoint.loader as loader
 
-    monkeypatch.setattr(
-        loader, "VORTEX_IMPORTER", ("tests.test_checkpoint_layout", "fake_vortex_importer")
-    )
+    monkeypatch.setattr(loader, "import_vortex_state_dict", fake_vortex_importer)
     module, _ = load_module_state_dict(path)
     assert torch.equal(module["sequential.0.word_embeddings.weight"], torch.ones(4, 2))
-    assert module["from"] == str(path)
-    # without an importer: one line saying what the file is
-    monkeypatch.setattr(loader, "VORTEX_IMPORTER", ("evo2_hydra.no_such_module", "f"))
-    with pytest.raises(UserError, match=r"evo2_tiny_vortex\.pt: this is a vortex"):
-        load_module_state_dict(path)
+    assert module["from._extra_state"] == str(path)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +101,7 @@ def test_vortex_file_detected_and_handed_to_the_importer(tmp_path, monkeypatch):
         ("empty_dir", r"no checkpoint found"),
         (
             "latest_missing_step",
-            r"latest: names step 'global_step9', but .*global_step9 does not exist",
+            r"latest: names step 'global_step9', but .*global_step9 is not a folder there",
         ),
         ("missing_shard", r"mp_rank_01_model_states\.pt is missing"),
         ("empty_step", r"global_step2: no model-state file"),

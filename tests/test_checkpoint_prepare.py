@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import time
 
 import pytest
@@ -184,8 +183,7 @@ def test_prepare_from_vortex_skips_the_source_context_check(tmp_path, tiny_run, 
 
     # a stand-in importer: vortex files store 128 hcm taps, so the imported width is 128
     fake = lambda state, path: random_savanna_module(tiny_run.model, 128)  # noqa: E731
-    monkeypatch.setattr(sys.modules[__name__], "fake_vortex_import", fake, raising=False)
-    monkeypatch.setattr(loader, "VORTEX_IMPORTER", (__name__, "fake_vortex_import"))
+    monkeypatch.setattr(loader, "import_vortex_state_dict", fake)
     path = tmp_path / "evo2_tiny_vortex.pt"
     torch.save({"embedding_layer.weight": torch.zeros(512, 64)}, path)
     ckpt = dataclasses.replace(tiny_run.ckpt, path=str(path), context=256, source_context=1048576)

@@ -9,12 +9,14 @@ from evo2_hydra.checkpoint import (
     load_module_state_dict,
     locate_checkpoint,
     merge_mp,
-    resize_context,
     split_mp,
 )
-from evo2_hydra.checkpoint.legacy import interleave_legacy_projections, pad_mlp
-from evo2_hydra.checkpoint.resize import ScratchAllocator, resize_module, update_param_shapes
+from evo2_hydra.checkpoint.legacy import interleave_legacy_projections, pad_mlp_tensor
+from evo2_hydra.checkpoint.loader import load_shards
+from evo2_hydra.checkpoint.resize import ScratchAllocator, resize_module
 from evo2_hydra.checkpoint.safe_load import safe_load
+from evo2_hydra.checkpoint.writer import write_savanna_dir
+from evo2_hydra.io_utils import atomic_dir
 from tests.ckpt_factory import make_random_savanna_checkpoint, random_savanna_module
 from tests.conftest import to_obj
 
@@ -64,10 +66,14 @@ def test_resize_extends_into_sparse_scratch_files(tmp_path, tiny):
 
 
 @pytest.mark.parametrize(("layout", "mp"), [("single", 1), ("step", 1), ("latest", 2)])
-def test_resize_context_files_every_shard(tmp_path, tiny, layout, mp):
+def test_writer_resizes_every_shard(tmp_path, tiny, layout, mp):
     src = make_random_savanna_checkpoint(tmp_path / "src", tiny, SOURCE, layout=layout, mp=mp)
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "src").rglob("*") if p.is_file())
-    out = resize_context(src, tmp_path / "out", 512)
+    location = locate_checkpoint(src)
+    shards = load_shards(location)
+    with atomic_dir(tmp_path / "out") as tmp:  # the one savanna writer, keeping the MP layout
+        write_savanna_dir(tmp, [s["module"] for s in shards], iteration=7, context=512)
+    out = tmp_path / "out"
     loc = locate_checkpoint(out)
     assert loc.mp == mp and loc.iteration == 7 and (out / "latest").read_text() == "global_step7"
     source_shards = locate_checkpoint(src).model_files
@@ -85,15 +91,6 @@ def test_resize_context_files_every_shard(tmp_path, tiny, layout, mp):
     assert before == sorted(
         p.stat().st_mtime_ns for p in (tmp_path / "src").rglob("*") if p.is_file()
     )
-
-
-def test_param_shapes_deepspeed_list_form(tiny):
-    module = resize_module(random_savanna_module(tiny, SOURCE), 100)
-    key = next(k for k in module if k.endswith("filter.h"))
-    updated = update_param_shapes(
-        [{key: torch.Size([4, SOURCE])}, {"other": torch.Size([3])}], module
-    )
-    assert updated == [{key: torch.Size([4, 100])}, {"other": torch.Size([3])}]
 
 
 def test_merge_split_round_trip(tiny):
@@ -126,8 +123,9 @@ def test_interleave_legacy_rows():
 
 def test_pad_mlp_zero_rows_and_columns(tiny):
     module = random_savanna_module(tiny, SOURCE)
-    out = pad_mlp(module, 160)
+    out = {k: pad_mlp_tensor(k, v, 160) for k, v in module.items() if isinstance(v, torch.Tensor)}
     w1, w3 = out["sequential.2.mlp.w1.weight"], out["sequential.2.mlp.w3.weight"]
+    assert out["sequential.2.mlp.w2.weight"].shape == (160, 64)
     assert w1.shape == (160, 64) and w3.shape == (64, 160)
     assert torch.equal(w1[:128], module["sequential.2.mlp.w1.weight"]) and not w1[128:].any()
     assert torch.equal(w3[:, :128], module["sequential.2.mlp.w3.weight"]) and not w3[:, 128:].any()

@@ -59,7 +59,7 @@ def test_save_layout_manifest_and_reload(tmp_path, tiny):
     assert (
         state["iteration"] == 5
         and state["mp_world_size"] == 2
-        and state["args"] == {"num_layers": 8}
+        and state["args"] == {"num_layers": 8, "model_parallel_size": 2}  # as written
     )
     assert dict(state["param_shapes"]) == {
         k: v.shape for k, v in state["module"].items() if torch.is_tensor(v)

@@ -1,4 +1,4 @@
-"""File-to-file copies of unchanged tensors (checkpoint/mapped.py, convert/bulk_io.py).
+"""File-to-file copies of unchanged tensors (checkpoint/mapped.py, checkpoint/bulk_io.py).
 
 The fast path must never change a byte: every conversion is written once with it and once with
 it switched off, and the files must be identical; and it must really be taken (bytes counted as
@@ -17,12 +17,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from evo2_hydra.checkpoint import mapped
+from evo2_hydra.checkpoint import bulk_io, mapped
+from evo2_hydra.checkpoint.bulk_io import BulkFile
 from evo2_hydra.checkpoint.safe_load import safe_load
-from evo2_hydra.convert import bulk_io
+from evo2_hydra.checkpoint.stream import TorchSaveStream, tensor_crc32
 from evo2_hydra.convert import run as convert_run
-from evo2_hydra.convert.bulk_io import BulkFile
-from evo2_hydra.convert.stream import TorchSaveStream, tensor_crc32
 from evo2_hydra.io_utils import crc32
 from tests.ckpt_factory import make_random_savanna_checkpoint
 from tests.vtx_reference import model_config

@@ -16,8 +16,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from evo2_hydra.checkpoint.adapters.nemo import io_json, resolve_model_size
 from evo2_hydra.checkpoint.loader import load_module_state_dict
-from evo2_hydra.convert.nemo import io_json, resolve_model_size
 from evo2_hydra.convert.run import run_convert
 from evo2_hydra.errors import UserError
 from tests.ckpt_factory import make_random_savanna_checkpoint
@@ -271,7 +271,7 @@ def test_io_json_is_exactly_what_fiddle_writes(monkeypatch, size):
     import fiddle as fdl  # test extra
     from fiddle._src.experimental import serialization
 
-    from evo2_hydra.convert.nemo import config_class, config_overrides
+    from evo2_hydra.checkpoint.adapters.nemo import config_class, config_overrides
 
     cfg = model_config("evo2_7b", mlp_inner_size=11264) if size else model_config("evo2_tiny")
     overrides = config_overrides(size, cfg, 4096)

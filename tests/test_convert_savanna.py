@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from evo2_hydra.checkpoint.layout import locate_checkpoint
 from evo2_hydra.checkpoint.loader import load_module_state_dict
+from evo2_hydra.checkpoint.mp import check_mp_size
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.checkpoint.writer import verify_manifest
-from evo2_hydra.convert.reshard import check_mp_size
 from evo2_hydra.convert.run import run_convert
 from evo2_hydra.errors import UserError
 from tests.ckpt_factory import make_random_savanna_checkpoint
@@ -121,10 +121,12 @@ def test_dtype_cast_and_mp_refusals(tmp_path, compose_cfg, run_entry):
             "savanna.mp=3",
         )
     assert not (tmp_path / "x").exists()
-    # A NeMo folder is the wrong kind of source; an existing output needs overwrite=true.
+    # An incomplete NeMo folder (no weights/metadata.json) is refused (NeMo2 sources: see
+    # tests/test_import_nemo.py); an existing output needs overwrite=true.
     nemo = tmp_path / "nemo"
     convert(compose_cfg, "target=nemo", f"source={source}", f"output={nemo}", "verify=false")
-    with pytest.raises(UserError, match="is a NeMo2 checkpoint"):
+    (nemo / "weights" / "metadata.json").unlink()
+    with pytest.raises(UserError, match=r"metadata.json: missing; Megatron writes it last"):
         convert(compose_cfg, "target=vortex", f"source={nemo}", f"output={tmp_path / 'y'}")
     with pytest.raises(UserError, match="already exists; set overwrite=true"):
         convert(compose_cfg, "target=savanna", f"source={source}", f"output={out}")

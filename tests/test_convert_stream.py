@@ -9,7 +9,7 @@ import weakref
 import torch
 
 from evo2_hydra.checkpoint.safe_load import safe_load
-from evo2_hydra.convert.stream import TorchSaveStream, tensor_crc32
+from evo2_hydra.checkpoint.stream import TorchSaveStream, tensor_crc32
 
 
 def test_stream_matches_torch_save_and_frees_tensors(tmp_path):

@@ -13,9 +13,9 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from evo2_hydra.checkpoint.adapters.vortex import vortex_to_savanna
 from evo2_hydra.checkpoint.loader import load_module_state_dict
 from evo2_hydra.convert.run import run_convert
-from evo2_hydra.convert.vortex import vortex_to_savanna
 from evo2_hydra.errors import UserError
 from evo2_hydra.model import build_model, load_into_model
 from tests.ckpt_factory import make_random_savanna_checkpoint

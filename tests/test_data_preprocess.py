@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evo2_hydra.config import ConditionConfig, ConfigError, DataConfig, OnError, Packing
+from evo2_hydra.config import Alphabet, ConditionConfig, ConfigError, DataConfig, OnError, Packing
 from evo2_hydra.data import preprocess as pre
 from evo2_hydra.data.indexed import MMapIndexedDataset
 from evo2_hydra.errors import UserError
 
 TEXTS = ["ACGTacgtNN", "GATTACA", "T", "ccccGGGGaaaaTTTT" * 3, "AC\u00e9GT"]  # é: two UTF-8 bytes
+KEEP = Alphabet.keep  # é is outside the default charset: these tests keep it (text policy)
 
 
 def reference_files(texts: list[str], append_eod: bool, sample_length: int | None):
@@ -69,7 +70,7 @@ def run(data: DataConfig, inputs, prefix: Path, context: int = 64) -> pre.Prepro
 @pytest.mark.parametrize("append_eod", [True, False])
 def test_bytes_identical_to_independent_writer(tmp_path, packing, append_eod):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t, "other": 1} for t in TEXTS])
-    data = DataConfig(packing=packing, append_eod=append_eod)
+    data = DataConfig(packing=packing, append_eod=append_eod, alphabet=KEEP)
     summary = run(data, [src], tmp_path / "out", context=64)
     want_bin, want_idx = reference_files(
         TEXTS, append_eod, 64 if packing == Packing.padded else None
@@ -83,7 +84,7 @@ def test_bytes_identical_to_independent_writer(tmp_path, packing, append_eod):
 
 def test_reader_memory_maps_what_was_written(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
-    run(DataConfig(packing=Packing.contiguous), [src], tmp_path / "out")
+    run(DataConfig(packing=Packing.contiguous, alphabet=KEEP), [src], tmp_path / "out")
     ds = MMapIndexedDataset(tmp_path / "out")
     assert len(ds) == len(TEXTS) and ds.num_documents == len(TEXTS)
     assert isinstance(ds.tokens, np.memmap)
@@ -96,7 +97,7 @@ def test_reader_memory_maps_what_was_written(tmp_path):
 def test_several_inputs_and_gzip(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:2]])
     b = write_jsonl(tmp_path / "b.jsonl.gz", [{"text": t} for t in TEXTS[2:]], gz=True)
-    summary = run(DataConfig(packing=Packing.contiguous), [a, b], tmp_path / "out")
+    summary = run(DataConfig(packing=Packing.contiguous, alphabet=KEEP), [a, b], tmp_path / "out")
     want_bin, want_idx = reference_files(TEXTS, True, None)
     assert (tmp_path / "out.bin").read_bytes() == want_bin
     assert (tmp_path / "out.idx").read_bytes() == want_idx
@@ -239,7 +240,7 @@ def test_on_error_skip_counts_and_reports(tmp_path):
         f"{src}:3",
         f"{src}:4",
     ]
-    assert "skipped 3 bad lines" in summary.report()
+    assert "skipped 3 bad records" in summary.report()
     assert (tmp_path / "out.bin").read_bytes() == reference_files(["ACGT"], True, None)[0]
 
 
@@ -269,4 +270,6 @@ def test_cli_preprocess_writes_bin_idx_png_and_conditions(tmp_path, run_entry):
     assert Path(f"{stem}.bin").read_bytes() == reference_files(["1ACGT", "1ACGT"], True, 64)[0]
     assert Path(f"{stem}_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(Path(f"{stem}_conditions.json").read_text())["tokens"] == {"A": "1", "B": "2"}
-    assert "2 sequences" in ok.stderr + ok.stdout and "skipped 1 bad lines" in ok.stderr + ok.stdout
+    assert (
+        "2 sequences" in ok.stderr + ok.stdout and "skipped 1 bad records" in ok.stderr + ok.stdout
+    )

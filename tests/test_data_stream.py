@@ -217,7 +217,7 @@ def test_prepared_bin_idx_prefixes_and_conditions_are_accepted(tmp_path, corpus)
     prefix = first.train[0].prefix
     again = prepare_data(config(tmp, Packing.contiguous, input=prefix + ".bin"), 16, data.cache_dir)
     assert again.train[0].prefix == prefix
-    with pytest.raises(UserError, match="neither a .jsonl"):
+    with pytest.raises(UserError, match="neither JSONL"):
         prepare_data(config(tmp, input=str(tmp / "nothing")), 16, data.cache_dir)
 
 

@@ -119,8 +119,10 @@ def setup(tmp_path_factory):
 
 
 def direct(model, text, capture):
-    """One sequence, unchunked, every position."""
+    """One sequence, unchunked, every position; upper-cased as task=embed feeds it (the run's
+    text policy: the model trained on upper-cased input)."""
     cfg = model_config("evo2_tiny")
+    text = text.upper()
     return embed_batch(model, cfg, [text], {capture: capture}, EmbedPool.none, 0).result(capture, 0)
 
 

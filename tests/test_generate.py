@@ -11,8 +11,8 @@ import torch
 
 import evo2_hydra.generate as gen
 from evo2_hydra.checkpoint import load_module_state_dict
+from evo2_hydra.checkpoint.adapters.vortex import savanna_to_vortex
 from evo2_hydra.config import ConfigError, GenerateConfig
-from evo2_hydra.convert.vortex import savanna_to_vortex
 from evo2_hydra.errors import UserError
 from evo2_hydra.generate import allowed_tokens, generate_tokens, run_generate, sample_next
 from evo2_hydra.model import build_model, load_into_model

@@ -70,10 +70,13 @@ def test_batching_and_per_position_log_probs(compose_cfg, setup, tmp_path):
         )
         forward = np.load(out / row["log_probs"])
         assert forward.dtype == np.float32 and forward.shape == (len(text) - 1,)
-        np.testing.assert_allclose(forward, direct_log_probs(model, text), atol=1e-4)
+        # model input is upper-cased, as the run trained (data.to_upper, the text policy)
+        np.testing.assert_allclose(forward, direct_log_probs(model, text.upper()), atol=1e-4)
         assert forward.sum() == pytest.approx(row["forward_sum_log_likelihood"], abs=1e-3)
         rc = np.load(out / row["reverse_complement_log_probs"])
-        np.testing.assert_allclose(rc, direct_log_probs(model, reverse_complement(text)), atol=1e-4)
+        np.testing.assert_allclose(
+            rc, direct_log_probs(model, reverse_complement(text.upper())), atol=1e-4
+        )
         assert rc.sum() == pytest.approx(row["reverse_complement_sum_log_likelihood"], abs=1e-3)
         total = (forward.sum() + rc.sum()) / 2
         assert row["sum_log_likelihood"] == pytest.approx(total, abs=1e-3)

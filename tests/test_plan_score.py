@@ -87,7 +87,8 @@ def reference_scores(cfg, state, texts=SEQUENCES):
     out = []
     with torch.no_grad():
         for text in texts:
-            ids = torch.tensor([list(text.encode())])
+            # score upper-cases model input (the text policy of a run trained with to_upper)
+            ids = torch.tensor([list(text.upper().encode())])
             logits = model(ids)[0].float()
             logp = F.log_softmax(logits, dim=-1)
             total = sum(logp[i - 1, ids[0, i]].item() for i in range(1, ids.shape[1]))

@@ -1,7 +1,7 @@
 """Our float32 logits against the public vortex implementation (PyPI `vtx` 1.1.0) on CPU.
 
 A random evo2_tiny checkpoint in the savanna layout is loaded into our model and, through a
-savanna -> vortex exporter (evo2_hydra/convert/vortex.py), into vtx's own loader; both run in
+savanna -> vortex exporter (evo2_hydra/checkpoint/adapters/vortex.py), into vtx's own loader; both run in
 float32 on the same 300-token input and must agree within 1e-3 absolute on every logit.
 
 How the bf16 hcm rounding is handled: savanna, the vortex converter and vtx's loader all hold the

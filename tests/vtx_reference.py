@@ -135,14 +135,14 @@ def random_savanna_state_dict(
 
 
 def savanna_to_vortex(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """The savanna -> vortex file layout through the real exporter (evo2_hydra.convert.vortex).
+    """The savanna -> vortex file layout through the real exporter (evo2_hydra.checkpoint.adapters.vortex).
 
     Renames and transforms of vortex.md §1.7: Wqkv rows in savanna's per-head order (vortex
     permutes at load), hcm `(h * decay)[:, :128]` formed in the checkpoint dtype, hcl log-poles and
     residues in fp32, `inv_freq` upcast to fp32 (vtx recomputes a non-fp32 one from the base).
     tests/test_convert_vortex.py checks the exporter's file end to end; here it feeds the model test.
     """
-    from evo2_hydra.convert.vortex import savanna_to_vortex as export
+    from evo2_hydra.checkpoint.adapters.vortex import savanna_to_vortex as export
 
     return dict(export(state, cfg))
 

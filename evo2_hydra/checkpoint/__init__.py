@@ -20,8 +20,6 @@ from evo2_hydra.checkpoint.prepare import (
     check_checkpoint,
     prepare_base_checkpoint,
     prepare_shared_base_checkpoint,
-    resize_context,
-    resize_to_dir,
 )
 from evo2_hydra.checkpoint.resize import context_width, resize_module
 from evo2_hydra.checkpoint.safe_load import safe_load
@@ -50,9 +48,7 @@ __all__ = [
     "prepare_base_checkpoint",
     "prune_checkpoints",
     "read_latest",
-    "resize_context",
     "resize_module",
-    "resize_to_dir",
     "safe_load",
     "save_module_checkpoint",
     "split_mp",

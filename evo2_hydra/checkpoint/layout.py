@@ -13,10 +13,14 @@ Accepted layouts (savanna.md §3.1):
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evo2_hydra.checkpoint.hub import local_checkpoint_path
+from evo2_hydra.checkpoint.megatron import detect_megatron
+from evo2_hydra.checkpoint.parts import part_set, part_sets_in
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,7 @@ RUN_CHECKPOINT_SUBDIR = "checkpoints"
 STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
 MP_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 ZERO3_FILE_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+LATEST_MAX_BYTES = 256  # "global_stepN" and nothing else
 
 
 @dataclass
@@ -98,14 +103,29 @@ def _scan_step_dir(step_dir: Path, source: Path) -> CheckpointLocation:
 
 
 def read_latest(save_dir: Path) -> Path:
-    """The step folder `save_dir/latest` names, checked to exist."""
+    """The step folder `save_dir/latest` names, checked to be a `global_stepN` folder inside it.
+
+    Refuses a `latest` that is not a small regular file (a directory, a link loop), names anything
+    but a step folder of `save_dir` (`../../other/checkpoints/global_step2`), or a missing one.
+    """
     latest = save_dir / LATEST
-    tag = latest.read_text().strip()
-    if not tag:
-        raise UserError(f"{latest}: empty (expected a tag such as global_step100)")
+    try:
+        if not latest.is_file():
+            kind = "a directory" if latest.is_dir() else "missing or a broken/looping link"
+            raise UserError(f"{latest}: {kind}, expected a file naming a step (global_stepN)")
+        with latest.open("rb") as fh:
+            raw = fh.read(LATEST_MAX_BYTES + 1)
+    except OSError as err:
+        raise UserError(f"{latest}: unreadable ({err.strerror or err})") from None
+    tag = raw.decode("utf-8", "replace").strip()
+    if len(raw) > LATEST_MAX_BYTES or not STEP_DIR_RE.match(tag):
+        raise UserError(
+            f"{latest}: names {tag[:80]!r}; expected a step folder of {save_dir} such as "
+            "global_step100"
+        )
     step_dir = save_dir / tag
-    if not step_dir.is_dir():
-        raise UserError(f"{latest}: names step '{tag}', but {step_dir} does not exist")
+    if step_dir.is_symlink() or not step_dir.is_dir():
+        raise UserError(f"{latest}: names step '{tag}', but {step_dir} is not a folder there")
     return step_dir
 
 
@@ -124,7 +144,13 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
         UserError: nothing at `path`, no checkpoint inside, `latest` naming a missing step, or
             incomplete model-parallel shards.
     """
-    source = Path(path).expanduser()
+    source = local_checkpoint_path(path)  # hf://ORG/REPO[@REV][/FILE] -> its cached file (hub.py)
+    if (parts := part_set(source)) is not None:  # NAME.pt.part0..N, read as one file (parts.py)
+        return CheckpointLocation(source, "file", None, None, [parts.parts[0]])
+    if (megatron := detect_megatron(source)) is not None:  # NeMo2 / Megatron-Bridge (megatron.py)
+        return CheckpointLocation(
+            source, "megatron", None, megatron.iteration, [megatron.weights / "metadata.json"]
+        )
     if not source.exists():
         raise UserError(f"ckpt.path={source}: no such file or folder")
     if source.is_file():
@@ -142,7 +168,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
     if _step_number(source) is not None:
         return _scan_step_dir(source, source)
     for save_dir in (source, source / RUN_CHECKPOINT_SUBDIR):
-        if (save_dir / LATEST).is_file():
+        if os.path.lexists(save_dir / LATEST):  # present: must be valid (never guessed past)
             return _scan_step_dir(read_latest(save_dir), source)
     for save_dir in (source, source / RUN_CHECKPOINT_SUBDIR):
         if save_dir.is_dir() and (steps := step_dirs(save_dir)):
@@ -150,7 +176,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
                 "%s has no `latest`; using the newest step folder %s", save_dir, steps[-1].name
             )
             return _scan_step_dir(steps[-1], source)
-    pt_files = sorted(source.glob("*.pt"))
+    pt_files = sorted(source.glob("*.pt")) or part_sets_in(source)
     if len(pt_files) == 1:
         return locate_checkpoint(pt_files[0])
     if len(pt_files) > 1:
@@ -161,4 +187,21 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
     raise UserError(
         f"ckpt.path={source}: no checkpoint found (expected a .pt file, a global_stepN folder, "
         "a folder holding `latest`, or a run folder with checkpoints/)"
+    )
+
+
+def newest_run(output_root: Path) -> Path:
+    """The run folder under `output_root` whose `checkpoints/latest` was written last."""
+    candidates = [
+        p.parent.parent
+        for p in Path(output_root).rglob(f"{RUN_CHECKPOINT_SUBDIR}/{LATEST}")
+        if p.is_file() and p.parent.name == RUN_CHECKPOINT_SUBDIR
+    ]
+    if not candidates:
+        raise UserError(
+            f"source is not set and no run with checkpoints was found under "
+            f"paths.output_root={output_root}; give source=PATH"
+        )
+    return max(
+        candidates, key=lambda run: (run / RUN_CHECKPOINT_SUBDIR / LATEST).stat().st_mtime_ns
     )

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,16 +30,18 @@ def interleave_rows(tensor: Tensor) -> Tensor:
     return tensor.reshape(3, d, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape).clone()
 
 
+def legacy_projection_keys(keys: Iterable[str]) -> frozenset[str]:
+    """Featurizer conv and projection keys of every Hyena layer (attention layers have no conv)."""
+    prefixes = [k[: -len(HYENA_CONV_SUFFIX)] for k in keys if k.endswith(HYENA_CONV_SUFFIX)]
+    return frozenset(
+        [p + HYENA_CONV_SUFFIX for p in prefixes] + [p + PROJECTION_SUFFIX for p in prefixes]
+    )
+
+
 def interleave_legacy_projections(module: Mapping[str, object]) -> dict[str, object]:
-    """Interleave the featurizer rows of every Hyena layer (attention layers are left alone)."""
-    out = dict(module)
-    for key in module:
-        if not key.endswith(HYENA_CONV_SUFFIX):
-            continue
-        prefix = key[: -len(HYENA_CONV_SUFFIX)]
-        for name in (key, prefix + PROJECTION_SUFFIX):
-            out[name] = interleave_rows(module[name])  # type: ignore[arg-type]
-    return out
+    """Interleave the featurizer rows of every Hyena layer of an MP=1 state dict."""
+    legacy = legacy_projection_keys(module)
+    return {k: interleave_rows(v) if k in legacy else v for k, v in module.items()}  # type: ignore[arg-type]
 
 
 def mlp_width(module: Mapping[str, object]) -> tuple[str, int] | None:
@@ -51,18 +53,23 @@ def mlp_width(module: Mapping[str, object]) -> tuple[str, int] | None:
     return None
 
 
-def pad_mlp(module: Mapping[str, object], width: int) -> dict[str, object]:
-    """Zero-pad every MLP to inner width `width` (w1/w2 rows, w3 columns), as savanna's 1M releases."""
-    out = dict(module)
-    for key, value in module.items():
-        if not isinstance(value, Tensor):
-            continue
-        if key.endswith((MLP_W1, MLP_W2)) and value.shape[0] < width:
-            padded = value.new_zeros((width, value.shape[1]))
-            padded[: value.shape[0]] = value
-            out[key] = padded
-        elif key.endswith(MLP_W3) and value.shape[1] < width:
-            padded = value.new_zeros((value.shape[0], width))
-            padded[:, : value.shape[1]] = value
-            out[key] = padded
+def padded_mlp_shape(key: str, shape: Sequence[int], width: int | None) -> tuple[int, ...]:
+    """The shape of `key` with the MLP zero-padded to inner width `width` (w1/w2 rows, w3 columns)."""
+    shape = tuple(shape)
+    if width is None:
+        return shape
+    if key.endswith((MLP_W1, MLP_W2)):
+        return (max(width, shape[0]), *shape[1:])
+    if key.endswith(MLP_W3):
+        return (shape[0], max(width, shape[1]))
+    return shape
+
+
+def pad_mlp_tensor(key: str, value: Tensor, width: int | None) -> Tensor:
+    """`value` zero-padded to `padded_mlp_shape` (itself when nothing changes), as the 1M releases."""
+    shape = padded_mlp_shape(key, value.shape, width)
+    if shape == tuple(value.shape):
+        return value
+    out = value.new_zeros(shape)
+    out[: value.shape[0], : value.shape[1]] = value
     return out

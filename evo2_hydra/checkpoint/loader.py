@@ -1,39 +1,27 @@
-"""Read the model states of a located checkpoint: memory-mapped shards, MP merge, format hooks.
+"""Read the model states of a located checkpoint: memory-mapped shards, MP merge, other layouts.
 
-Vortex (inference) files and ZeRO-3 shards are recognised here and handed to the importers of the
-conversion package when present (`evo2_hydra.convert.vortex.import_vortex_state_dict`,
-`evo2_hydra.convert.zero3.gather_zero3_module`); otherwise the error says what the file is.
+Vortex (inference) files are imported through the vortex adapter (`adapters/vortex.py`) and
+ZeRO-3 shards gathered by `zero3.py`, both in this package.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
+from evo2_hydra.checkpoint.adapters.vortex import import_vortex_state_dict
+from evo2_hydra.checkpoint.integrity import check_module, expected_tensors
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.mp import merge_mp
+from evo2_hydra.checkpoint.run_dir import STEP_CONFIG, read_bounded
 from evo2_hydra.checkpoint.safe_load import safe_load
+from evo2_hydra.checkpoint.zero3 import gather_zero3_module
 from evo2_hydra.errors import UserError
 
-VORTEX_IMPORTER = ("evo2_hydra.convert.vortex", "import_vortex_state_dict")
-ZERO3_GATHERER = ("evo2_hydra.convert.zero3", "gather_zero3_module")
 VORTEX_MARKERS = ("blocks.", "embedding_layer.", "unembed.", "norm.scale")
-IMPORTED_FROM = (
-    "evo2_hydra_imported_from"  # top-level marker on shards converted from another format
-)
-
-
-def _hook(target: tuple[str, str]):
-    try:
-        module = importlib.import_module(target[0])
-    except ModuleNotFoundError as err:
-        if err.name and target[0].startswith(err.name):
-            return None
-        raise
-    return getattr(module, target[1], None)
 
 
 def is_vortex_state(state: dict) -> bool:
@@ -52,14 +40,8 @@ def normalize_top_level(obj: Any, path: Path) -> dict[str, Any]:
             )
         return obj
     if is_vortex_state(obj):
-        importer = _hook(VORTEX_IMPORTER)
-        if importer is None:
-            raise UserError(
-                f"{path}: this is a vortex (inference) checkpoint (keys blocks.*, embedding_layer.weight), "
-                "not a savanna one; the vortex importer (evo2_hydra.convert.vortex) is not available"
-            )
         # Marked: a vortex file stores 128 hcm taps, so its width says nothing about the source context.
-        return {"module": importer(obj, path), IMPORTED_FROM: "vortex"}
+        return {"module": import_vortex_state_dict(obj, path), IMPORTED_FROM: "vortex"}
     if any(isinstance(k, str) and k.startswith("sequential.") for k in obj):
         return {"module": obj}  # a bare savanna state dict
     first = ", ".join(sorted(str(k) for k in obj)[:4])
@@ -69,22 +51,33 @@ def normalize_top_level(obj: Any, path: Path) -> dict[str, Any]:
 
 
 def load_shards(
-    location: CheckpointLocation, *, trust_pickle: bool = False
+    location: CheckpointLocation, *, trust_pickle: bool = False, finite: bool = False
 ) -> list[dict[str, Any]]:
-    """Top-level dicts of every MP rank's model-state file, memory-mapped (tensors read on use)."""
+    """Top-level dicts of every MP rank's model-state file, memory-mapped, verified.
+
+    The one load path for model weights: each file goes through the safe loader, its `module`
+    through `integrity.check_module` (keys, dtypes, and against the step's manifest CRC32s when
+    we wrote it; with `finite`, no NaN/Inf). Verifying reads every tensor once (zlib-ng CRC32).
+    """
+    if location.kind == "megatron":  # a NeMo2 / Megatron-Bridge folder, imported (megatron.py)
+        from evo2_hydra.checkpoint.megatron import megatron_top_level
+
+        top = megatron_top_level(location.source)
+        check_module(top["module"], location.describe(), finite=finite)
+        return [top]
     if location.is_zero3:
-        gather = _hook(ZERO3_GATHERER)
-        if gather is None:
-            raise UserError(
-                f"{location.describe()}: a ZeRO-3 checkpoint (zero_pp_rank_* files); gather it to "
-                "model-parallel files first with convert.py target=savanna (ZeRO-3 support: evo2_hydra.convert.zero3)"
-            )
-        modules = gather(location, trust_pickle=trust_pickle)
+        modules = gather_zero3_module(location, trust_pickle=trust_pickle)
+        for m in modules:
+            check_module(m, location.describe(), finite=finite)
         return [{"module": m, "iteration": location.iteration} for m in modules]
-    return [
-        normalize_top_level(safe_load(f, trust_pickle=trust_pickle), f)
-        for f in location.model_files
-    ]
+    shards = []
+    for f in location.model_files:
+        top = normalize_top_level(safe_load(f, trust_pickle=trust_pickle), f)
+        # A vortex file converted on load has no manifest of its savanna form.
+        expected = None if IMPORTED_FROM in top else expected_tensors(f)
+        check_module(top["module"], f, expected=expected, finite=finite)
+        shards.append(top)
+    return shards
 
 
 def shard_shapes(shards: list[dict[str, Any]]) -> list[dict[str, tuple[int, ...]]]:
@@ -95,27 +88,27 @@ def shard_shapes(shards: list[dict[str, Any]]) -> list[dict[str, tuple[int, ...]
 
 def checkpoint_metadata(location: CheckpointLocation, first: dict[str, Any]) -> dict[str, Any]:
     """iteration, args, the saved run config (our checkpoints) and where it came from."""
-    run_config = None
-    if location.step_dir is not None and (location.step_dir / "configs" / "config.yaml").is_file():
-        run_config = (location.step_dir / "configs" / "config.yaml").read_text()
+    step_config = location.step_dir / STEP_CONFIG if location.step_dir is not None else None
+    run_config = read_bounded(step_config) if step_config and step_config.exists() else None
     iteration = first.get("iteration", location.iteration)
     return {
         "iteration": iteration if isinstance(iteration, int) else location.iteration,
         "args": first.get("args"),
-        "run_config": run_config,
+        "run_config": run_config,  # the step's configs/config.yaml text (use read_saved_run)
         "mp": location.mp,
         "location": location,
     }
 
 
 def load_module_state_dict(
-    path: str | Path, *, trust_pickle: bool = False
+    path: str | Path, *, trust_pickle: bool = False, finite: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The full MP=1 savanna `module` state dict (shards merged) and metadata, from any layout.
 
-    With one MP rank the tensors stay memory-mapped; merging MP shards materialises them.
+    Verified as `load_shards` says (`finite=True` for inference). With one MP rank the tensors
+    stay memory-mapped; merging MP shards materialises them.
     """
     location = locate_checkpoint(path)
-    shards = load_shards(location, trust_pickle=trust_pickle)
+    shards = load_shards(location, trust_pickle=trust_pickle, finite=finite)
     module = merge_mp([s["module"] for s in shards])
     return module, checkpoint_metadata(location, shards[0])

@@ -4,14 +4,14 @@
 one mapping, so `address - mapping start` is a tensor's offset in the file. A conversion that
 writes a tensor unchanged can then copy it file to file inside the kernel (copy_file_range(2),
 what `cp` does) instead of reading it through the mapping and writing it back from user space
-(convert/bulk_io.py).
+(checkpoint/bulk_io.py).
 
 The same block can hand out *row concatenations for writing* (`concat_rows`): NeMo's
 `linear_fc1` is savanna's `w1` and `w2` stacked, and forming it in memory costs more than copying
 both from the file. The placeholder tensor returned has the result's shape and dtype, but only
 its first bytes are filled in (the rest is never touched, so it costs no RAM); a writer asking
 `segments()` for exactly its bytes gets the parts' bytes instead. Only writers use it
-(convert/bulk_io.py), CRC32s of it come from its parts (`crc32_of`), and a partial read through
+(checkpoint/bulk_io.py), CRC32s of it come from its parts (`crc32_of`), and a partial read through
 `segments()` is an error.
 
 The copies read the file, so they rely on the mapped tensors never being changed in place (torch
@@ -247,3 +247,9 @@ def register_loaded_checkpoint(path: str | Path, obj: Any) -> bool:
         return False
     _active.add(MappedFile(start, size, fd, str(path), sample))
     return True
+
+
+def tensor_crc32(tensor: torch.Tensor) -> str:
+    """CRC32 of the tensor's bytes (row-major), as 8 hex digits (a `concat_rows` placeholder's
+    from its parts): the checksum every manifest records."""
+    return f"{crc32_of(tensor.detach()):08x}"

@@ -1,5 +1,8 @@
 """Model-parallel sharding of savanna state dicts (savanna.md §2.5): which dim each key splits on.
 
+An MP size must divide every partitioned dimension: hidden size, attention heads (whole heads per
+rank), every filter group count, the MLP width and the vocabulary (`check_mp_size`).
+
 A key not matching any suffix below is replicated on every rank (norms, `filter.t`, `inv_freq`,
 `dense.bias`); `_extra_state` entries (TE metadata) are taken from rank 0.
 """
@@ -10,6 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from evo2_hydra.config import ModelConfig
+from evo2_hydra.errors import UserError
 
 # key suffix -> partition dim
 PARTITION_DIMS: dict[str, int] = {
@@ -86,3 +92,39 @@ def merged_shapes(
             out[dim] = sum(s[key][dim] for s in shard_shapes)
             merged[key] = tuple(out)
     return merged
+
+
+def valid_mp_sizes(cfg: ModelConfig) -> list[int]:
+    dims = _partitioned_dims(cfg)
+    return [
+        m for m in range(1, cfg.num_attention_heads + 1) if all(v % m == 0 for v in dims.values())
+    ]
+
+
+def _partitioned_dims(cfg: ModelConfig) -> dict[str, int]:
+    return {
+        "num_attention_heads": cfg.num_attention_heads,
+        "hidden_size": cfg.hidden_size,
+        "hcs_groups": cfg.hcs_groups,
+        "hcm_groups": cfg.hcm_groups,
+        "hcl_groups": cfg.hcl_groups,
+        "mlp_inner_size": cfg.mlp_inner_size,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def check_mp_size(cfg: ModelConfig, mp: int) -> None:
+    """Refuse an MP size that does not split every partitioned dimension evenly."""
+    bad = {k: v for k, v in _partitioned_dims(cfg).items() if v % mp}
+    if bad:
+        name, value = next(iter(bad.items()))
+        others = (
+            f" (also {', '.join(f'{k}={v}' for k, v in list(bad.items())[1:])})"
+            if len(bad) > 1
+            else ""
+        )
+        raise UserError(
+            f"savanna.mp={mp}: model={cfg.name} has {name}={value}, not divisible by {mp}{others}; "
+            f"model-parallel sizes that divide heads, hidden size, groups, MLP and vocabulary: "
+            f"{valid_mp_sizes(cfg)}"
+        )

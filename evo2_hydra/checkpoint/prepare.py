@@ -1,9 +1,10 @@
-"""Turn any accepted `ckpt.path` into a checked, resized savanna checkpoint, lazily and atomically.
+"""Turn any accepted `ckpt.path` into a checked, resized MP=1 savanna checkpoint for finetuning.
 
-`resize_to_dir` is the one write path (standalone `convert.py target=savanna` and finetune
-preparation): shards are memory-mapped and handled one at a time, legacy projections interleaved
-on request, the MLP zero-padded on request, context-dependent tensors resized (`resize.py`), and
-the result written as `OUT/global_stepN/mp_rank_XX_model_states.pt` + `OUT/latest`.
+The source is memory-mapped, checked against the model and preset, and written by the one
+savanna writer (`writer.write_savanna_dir`, the same as `convert.py target=savanna`): legacy
+projections interleaved and the MLP zero-padded on request, context-dependent tensors resized,
+MP shards merged; the result is `OUT/global_step1/mp_rank_00_model_states.pt` + `OUT/latest`,
+cached by source and settings.
 """
 
 from __future__ import annotations
@@ -11,29 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from evo2_hydra.checkpoint.adapters import IMPORTED_FROM
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
-from evo2_hydra.checkpoint.legacy import interleave_legacy_projections, mlp_width, pad_mlp
-from evo2_hydra.checkpoint.loader import IMPORTED_FROM, load_shards, shard_shapes
+from evo2_hydra.checkpoint.legacy import mlp_width, padded_mlp_shape
+from evo2_hydra.checkpoint.loader import load_shards, shard_shapes
 from evo2_hydra.checkpoint.mapped import tracking_mapped_files
-from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
-from evo2_hydra.checkpoint.resize import (
-    ScratchAllocator,
-    context_width,
-    is_context_key,
-    resize_module,
-)
-from evo2_hydra.checkpoint.writer import (
-    model_state_payload,
-    mp_file_name,
-    pause_for_tests,
-    write_checkpoint,
-)
+from evo2_hydra.checkpoint.mp import merged_shapes
+from evo2_hydra.checkpoint.resize import context_width, is_context_key
+from evo2_hydra.checkpoint.writer import write_savanna_dir
 from evo2_hydra.config import CkptConfig, ModelConfig
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir, file_lock
@@ -42,18 +34,7 @@ log = logging.getLogger(__name__)
 
 PREPARED_MARKER = "prepared.json"
 # Bump when the prepared layout changes, so cached base checkpoints are rebuilt.
-PREPARE_FORMAT = 1
-
-
-def padded_shapes(shapes: Mapping[str, tuple[int, ...]], width: int) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for key, shape in shapes.items():
-        if key.endswith(("mlp.w1.weight", "mlp.w2.weight")):
-            shape = (max(width, shape[0]), *shape[1:])
-        elif key.endswith("mlp.w3.weight"):
-            shape = (shape[0], max(width, shape[1]))
-        out[key] = tuple(shape)
-    return out
+PREPARE_FORMAT = 2  # 2: written by the one savanna writer (writer.py)
 
 
 def check_checkpoint(
@@ -77,7 +58,7 @@ def check_checkpoint(
     found = mlp_width(shapes)
     if found is not None and found[1] < model.mlp_inner_size and ckpt.pad_mlp:
         pad_to = model.mlp_inner_size
-        shapes = padded_shapes(shapes, pad_to)
+        shapes = {k: padded_mlp_shape(k, s, pad_to) for k, s in shapes.items()}
     try:
         check_state_dict(model, width or ckpt.context, shapes)
     except UserError as err:
@@ -117,76 +98,6 @@ def fit_to_model(module: Mapping[str, Any], model: ModelConfig, context: int) ->
     if dropped:
         log.info("base checkpoint: dropped %d TransformerEngine _extra_state entries", dropped)
     return {k: out[k] for k in expected if k in out}  # model order; check_checkpoint ran before
-
-
-def _transform(
-    module: Mapping[str, Any],
-    context: int,
-    *,
-    pad_to: int | None,
-    allocator: ScratchAllocator,
-    fit: Callable[[Mapping[str, Any]], dict[str, Any]] | None,
-) -> dict[str, Any]:
-    if pad_to is not None:
-        module = pad_mlp(module, pad_to)
-    out = resize_module(module, context, allocator)
-    return fit(out) if fit is not None else out
-
-
-def resize_to_dir(
-    shards: list[dict[str, Any]],
-    out_dir: str | Path,
-    context: int,
-    *,
-    iteration: int,
-    merge: bool = False,
-    interleave_legacy: bool = False,
-    pad_to: int | None = None,
-    overwrite: bool = False,
-    run_config_yaml: str | None = None,
-    extra_files: Mapping[str, str] | None = None,
-    fit: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
-) -> Path:
-    """Write `shards` (top-level dicts, one per MP rank) resized to `context` as a savanna save folder.
-
-    Each shard's tensors are read from its memory map only while that shard is written. With
-    `merge`, MP shards are concatenated into one MP=1 file (needed to train at MP=1).
-    """
-    from evo2_hydra.convert.stream import TorchSaveStream  # the conversion package's writer
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output={out_dir} already exists; set overwrite=true to replace it")
-    args = shards[0].get("args") if isinstance(shards[0].get("args"), dict) else {}
-
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp_out:
-        allocator = ScratchAllocator(tmp_out)
-
-        def fill(step_tmp: Path) -> None:
-            modules = (s["module"] for s in shards)
-            if interleave_legacy:  # per shard: the legacy blocks are per MP rank (§1.5)
-                modules = (interleave_legacy_projections(m) for m in modules)
-            if merge and len(shards) > 1:
-                modules = iter([merge_mp(list(modules))])
-                mp = 1
-            else:
-                mp = len(shards)
-            if pad_to is not None and mp > 1:
-                raise UserError("MLP padding needs an MP=1 result (the pad goes at the end of F)")
-            for rank, module in enumerate(modules):
-                out = _transform(module, context, pad_to=pad_to, allocator=allocator, fit=fit)
-                payload = model_state_payload(out, iteration=iteration, mp=mp, extra={"args": args})
-                # torch.save's format, tensor by tensor; unchanged tensors of a source loaded in
-                # a tracking_mapped_files() block are copied file to file (convert/bulk_io.py).
-                with TorchSaveStream(step_tmp / mp_file_name(rank)) as stream:
-                    stream.finish(payload)
-                del out, payload, module
-                pause_for_tests()
-
-        write_checkpoint(tmp_out, iteration, fill, run_config_yaml=run_config_yaml)
-        for name, text in (extra_files or {}).items():
-            (tmp_out / name).write_text(text)
-    return out_dir
 
 
 def _cache_key(
@@ -266,18 +177,20 @@ def _prepare(
         f", MLP padded to {pad_to}" if pad_to else "",
     )
     marker = json.dumps({"key": key, "source": str(location.source)}, indent=1)
-    resize_to_dir(
-        shards,
-        out_dir,
-        ckpt.context,
-        iteration=1,
-        merge=True,
-        interleave_legacy=ckpt.interleave_legacy,
-        pad_to=pad_to,
-        overwrite=True,
-        extra_files={PREPARED_MARKER: marker},
-        fit=lambda module: fit_to_model(module, model, ckpt.context),
-    )
+    args = shards[0].get("args") if isinstance(shards[0].get("args"), dict) else {}
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        write_savanna_dir(
+            tmp,
+            [fit_to_model(s["module"], model, ckpt.context) for s in shards],
+            iteration=1,
+            mp_out=1,
+            context=ckpt.context,
+            resize_same_width=True,  # a base is canonical: unused hcm columns are always zero
+            pad_to=pad_to,
+            interleave_legacy=ckpt.interleave_legacy,
+            args=args,
+        )
+        (tmp / PREPARED_MARKER).write_text(marker)
 
 
 def prepare_shared_base_checkpoint(
@@ -295,23 +208,3 @@ def prepare_shared_base_checkpoint(
     out_dir = Path(cache_dir) / "base_checkpoints" / f"{model.name}-ctx{ckpt.context}-{digest}"
     with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         return prepare_base_checkpoint(ckpt, model, out_dir)
-
-
-def resize_context(
-    source: str | Path,
-    out_dir: str | Path,
-    context: int,
-    *,
-    trust_pickle: bool = False,
-    overwrite: bool = False,
-) -> Path:
-    """Standalone resize (no model check): any accepted layout -> savanna folder at `context`.
-
-    Keeps the MP layout and the source iteration (at least 1).
-    """
-    location = locate_checkpoint(source)
-    with tracking_mapped_files():  # unchanged tensors are then copied file to file
-        shards = load_shards(location, trust_pickle=trust_pickle)
-        context_width(merged_shapes(shard_shapes(shards)), location.describe())
-        iteration = max(1, shards[0].get("iteration") or location.iteration or 1)
-        return resize_to_dir(shards, out_dir, context, iteration=iteration, overwrite=overwrite)

@@ -97,53 +97,42 @@ def filter_t(context: int) -> Tensor:
     return torch.arange(context, dtype=torch.float32).view(1, 1, context)
 
 
+def resize_tensor(
+    key: str,
+    value: Tensor,
+    context: int | None,
+    allocator: ScratchAllocator | None = None,
+    *,
+    same_width: bool = False,
+) -> Tensor:
+    """`value` at width `context` if `key` is context-dependent and its width differs, else itself
+    (a same-width source keeps its bytes; a non-float32 `filter.t` is rebuilt as savanna does).
+
+    `same_width=True` rebuilds same-width tensors too (hcm columns past the used taps zeroed), so
+    the result does not depend on what a source keeps in columns the model never reads.
+    """
+    if context is None or not key.endswith(CONTEXT_SUFFIXES):
+        return value
+    if key.endswith(HCM_SUFFIXES):
+        if value.dim() != 2:
+            raise UserError(
+                f"{key}: expected a 2-D [groups, length] tensor, got {tuple(value.shape)}"
+            )
+        if value.shape[-1] == context and not same_width:
+            return value
+        return resize_hcm_tensor(value, context, allocator)
+    if value.dim() != 3 or value.shape[:2] != (1, 1):
+        raise UserError(f"{key}: expected a [1, 1, length] tensor, got {tuple(value.shape)}")
+    if value.shape[-1] == context and value.dtype == torch.float32 and not same_width:
+        return value
+    return filter_t(context)
+
+
 def resize_module(
     module: Mapping[str, object], context: int, allocator: ScratchAllocator | None = None
 ) -> dict[str, object]:
     """A new state dict with every context-dependent tensor at width `context` (others shared)."""
-    out: dict[str, object] = {}
-    for key, value in module.items():
-        if isinstance(value, Tensor) and key.endswith(HCM_SUFFIXES):
-            if value.dim() != 2:
-                raise UserError(
-                    f"{key}: expected a 2-D [groups, length] tensor, got {tuple(value.shape)}"
-                )
-            out[key] = resize_hcm_tensor(value, context, allocator)
-        elif isinstance(value, Tensor) and key.endswith(HCL_T_SUFFIX):
-            if value.dim() != 3 or value.shape[:2] != (1, 1):
-                raise UserError(
-                    f"{key}: expected a [1, 1, length] tensor, got {tuple(value.shape)}"
-                )
-            out[key] = filter_t(context)
-        else:
-            out[key] = value
-    return out
-
-
-def update_param_shapes(param_shapes: object, module: Mapping[str, object]) -> object:
-    """Set every `param_shapes` entry (flat dict, or DeepSpeed's list of dicts) to the module's shape.
-
-    Without `param_shapes` a flat one is made from the module's tensors (the community tools need it).
-    """
-
-    def current(name: str, old: object) -> object:
-        value = module.get(name)
-        return torch.Size(value.shape) if isinstance(value, Tensor) else old
-
-    if param_shapes is None:
-        return flat_param_shapes(module)
-    if isinstance(param_shapes, Mapping):
-        updated = type(param_shapes)() if isinstance(param_shapes, dict) else {}
-        for name, old in param_shapes.items():
-            updated[name] = current(name, old)
-        return updated
-    if isinstance(param_shapes, list):
-        return [update_param_shapes(group, module) for group in param_shapes]
-    return param_shapes
-
-
-def flat_param_shapes(module: Mapping[str, object]) -> dict[str, torch.Size]:
-    """name -> torch.Size for every tensor of the module (the flat form savanna's tools expect)."""
-    from collections import OrderedDict
-
-    return OrderedDict((k, torch.Size(v.shape)) for k, v in module.items() if isinstance(v, Tensor))
+    return {
+        k: resize_tensor(k, v, context, allocator, same_width=True) if isinstance(v, Tensor) else v
+        for k, v in module.items()
+    }

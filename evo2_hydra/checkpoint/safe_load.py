@@ -21,9 +21,18 @@ import numpy as np
 import torch
 
 from evo2_hydra.checkpoint.mapped import register_loaded_checkpoint
+from evo2_hydra.checkpoint.parts import PartSet, load_part_set, part_set, unsafe_globals
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class UnsafePickleError(UserError):
+    """The file's pickle would run code (or build objects) outside the allowlist: never loaded.
+
+    Unlike a damaged file this is not an accident, so callers must not quietly fall back to an
+    older checkpoint: the run stops and the file stays for the user to inspect.
+    """
 
 
 def _numpy_globals() -> list[Any]:
@@ -130,24 +139,27 @@ def safe_load(path: str | Path, *, trust_pickle: bool = False, mmap: bool = True
         UserError: the file is missing, truncated/corrupt, or would run code when loaded.
     """
     path = Path(path)
-    if not path.is_file():
+    parts = part_set(path)  # NAME.pt.part0..N: read as the one file they are (parts.py)
+    if parts is None and not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
     if trust_pickle:
         log.warning(
             "ckpt.trust_pickle=true: loading %s with full pickle; it can run arbitrary code", path
         )
-        return _registered(path, _torch_load(path, mmap=mmap, weights_only=False, allow=[]), mmap)
+        obj = _torch_load(path, mmap=mmap, weights_only=False, allow=[], parts=parts)
+        return _registered(path, obj, mmap and parts is None)
     allow = base_allowlist()
-    unsafe = _unsafe_globals(path)
+    unsafe = _unsafe_globals(path) if parts is None else unsafe_globals(parts)
     allow += _deepspeed_globals(unsafe)
     refused = sorted(set(unsafe) - _allowed_names(allow))
     if refused:
-        raise UserError(
+        raise UnsafePickleError(
             f"{path}: refused to load: the file's pickle names {', '.join(refused)}, which could run "
             "code and is not on the allowlist of savanna/DeepSpeed contents. If you trust this file, "
             "set ckpt.trust_pickle=true"
         )
-    return _registered(path, _torch_load(path, mmap=mmap, weights_only=True, allow=allow), mmap)
+    obj = _torch_load(path, mmap=mmap, weights_only=True, allow=allow, parts=parts)
+    return _registered(path, obj, mmap and parts is None)  # parts register themselves
 
 
 def _registered(path: Path, obj: Any, mmap: bool) -> Any:
@@ -157,8 +169,12 @@ def _registered(path: Path, obj: Any, mmap: bool) -> Any:
     return obj
 
 
-def _torch_load(path: Path, *, mmap: bool, weights_only: bool, allow: list[Any]) -> Any:
+def _torch_load(
+    path: Path, *, mmap: bool, weights_only: bool, allow: list[Any], parts: PartSet | None = None
+) -> Any:
     try:
+        if parts is not None:
+            return load_part_set(parts, mmap=mmap, weights_only=weights_only, allow=allow)
         with torch.serialization.safe_globals(allow):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
     except pickle.UnpicklingError as err:
@@ -168,7 +184,7 @@ def _torch_load(path: Path, *, mmap: bool, weights_only: bool, allow: list[Any])
                 f"{path}: not a readable torch checkpoint (truncated or corrupt?): {detail}"
             ) from err
         # Legacy (non-zip) files skip the pre-check above; name what was refused.
-        raise UserError(
+        raise UnsafePickleError(
             f"{path}: refused to load ({detail}); set ckpt.trust_pickle=true only if you trust it"
         ) from err
     except RuntimeError as err:

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.loader import is_vortex_state, load_shards
+from evo2_hydra.checkpoint.megatron import detect_megatron
 from evo2_hydra.checkpoint.mp import merge_mp, merged_shapes
+from evo2_hydra.checkpoint.resize import context_width
+from evo2_hydra.checkpoint.run_dir import SavedRun, read_bounded, read_saved_run
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.config import CkptConfig, ConvertConfig, ModelConfig, check_model_ckpt
 from evo2_hydra.errors import UserError
@@ -50,7 +51,9 @@ class Source:
         return merged_shapes(per_shard)
 
     def describe(self) -> str:
-        return self.location.describe() if self.location is not None else f"{self.path} (vortex)"
+        return (
+            self.location.describe() if self.location is not None else f"{self.path} ({self.kind})"
+        )
 
 
 class MergedModule(Mapping):
@@ -69,56 +72,78 @@ class MergedModule(Mapping):
         return len(self.shards[0])
 
 
-def refuse_nemo_source(path: Path) -> None:
-    if (path / "weights" / "metadata.json").is_file() or (path / "context" / "io.json").is_file():
-        raise UserError(
-            f"source={path} is a NeMo2 checkpoint; convert.py reads savanna, ZeRO-3 and vortex "
-            "checkpoints (export to NeMo from the savanna or vortex file instead)"
-        )
+def megatron_source(conv: ConvertConfig, ck: Any, path: Path) -> Source:
+    """A NeMo2 / MBridge checkpoint as a source: imported to savanna, model from its metadata."""
+    from evo2_hydra.checkpoint.megatron import import_megatron
+
+    chosen = _cli_model_choice()
+    module, model = import_megatron(ck, conv.model, chosen_on_cli=chosen is not None)
+    # Its hcm filters are stored at 128 taps (NeMo) or the training width (MBridge): no preset's
+    # source context; the preset's MLP width / RoPE scaling come from the checkpoint itself.
+    ckpt = dataclasses.replace(
+        conv.ckpt, model=None, source_context=None, mlp_inner_size=None, rope_scaling_factor=None
+    )
+    check_model_ckpt(model, ckpt)
+    return Source(None, ck.kind, [module], model, ckpt, max(1, ck.iteration or 1), {}, None, path)
 
 
-def _cli_model_choice() -> str | None:
-    """`model=X` if the user chose it on the command line (None outside Hydra or when defaulted)."""
+def _cli_overrides() -> dict[str, str] | None:
+    """key -> value of the command line's overrides (None outside a Hydra run)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = HydraConfig.get().overrides.task
     except Exception:
         return None
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.lstrip("+~") == "model":
-            return value
-    return None
+    return {k.lstrip("+~"): v for k, _, v in (item.partition("=") for item in overrides)}
 
 
-def saved_model(run_config_yaml: str, where: str) -> ModelConfig | None:
-    """The model section of a saved run config as a validated ModelConfig (None if it has none)."""
-    saved = yaml.safe_load(run_config_yaml)
-    section = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(section, dict):
-        log.info("%s holds no model section; the model comes from model=/ckpt=", where)
-        return None
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), section)
-    model: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+def _cli_model_choice() -> str | None:
+    """`model=X` if the user chose it on the command line (None outside Hydra or when defaulted)."""
+    return (_cli_overrides() or {}).get("model")
+
+
+def context_was_given() -> bool:
+    """Whether `ckpt.context` is the user's choice: given on the command line, or the config
+    was built outside a Hydra run (a program passing a ConvertConfig means what it passes)."""
+    overrides = _cli_overrides()
+    return overrides is None or "ckpt.context" in overrides
+
+
+def keep_source_context(ckpt: CkptConfig, width: int | None, where: str) -> CkptConfig:
+    """`ckpt` with `context` = the source's (its context-dependent tensors' width) unless the user
+    chose one: a conversion never resizes on a preset's default (issue #13 item 7)."""
+    if width is None or width == ckpt.context or context_was_given():
+        return ckpt
+    log.info("%s: keeping the source's context %d (give ckpt.context=N to resize)", where, width)
+    return dataclasses.replace(ckpt, context=width)
+
+
+def saved_model(saved: SavedRun) -> ModelConfig:
+    """The model of a saved run config as a validated ModelConfig; refuses another `model=`."""
+    model = saved.model()
     chosen = _cli_model_choice()
     if chosen is not None and chosen != model.name:
         raise UserError(
             f"model={chosen} on the command line, but the checkpoint was trained with model={model.name} "
-            f"({where}); drop model= (the saved config is used)"
+            f"({saved.config_path}); drop model= (the saved config is used)"
         )
     return model
 
 
 def load_source(conv: ConvertConfig, path: Path) -> Source:
     """Locate and open the source (memory-mapped), and settle the model it belongs to."""
-    refuse_nemo_source(path)
+    if (megatron := detect_megatron(path)) is not None:  # NeMo2 / Megatron-Bridge (megatron.py)
+        return megatron_source(conv, megatron, path)
     ckpt = dataclasses.replace(conv.ckpt)
     model = dataclasses.replace(conv.model)
     if path.is_file():
         obj = safe_load(path, trust_pickle=conv.ckpt.trust_pickle)
         if isinstance(obj, dict) and is_vortex_state(obj):
-            from evo2_hydra.convert.vortex import vortex_operator_pattern, vortex_to_savanna
+            from evo2_hydra.checkpoint.adapters.vortex import (
+                vortex_operator_pattern,
+                vortex_to_savanna,
+            )
 
             pattern = vortex_operator_pattern(obj)
             if pattern != model.operator_pattern:
@@ -133,7 +158,7 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
         del obj
     location = locate_checkpoint(path)
     if location.is_zero3:  # gathered lazily, tensor by tensor, while the target writes
-        from evo2_hydra.convert.zero3 import zero3_modules
+        from evo2_hydra.checkpoint.zero3 import zero3_modules
 
         shards: list[Mapping[str, Any]] = list(
             zero3_modules(location, trust_pickle=conv.ckpt.trust_pickle)
@@ -142,14 +167,10 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
     else:
         tops = load_shards(location, trust_pickle=conv.ckpt.trust_pickle)
         shards, first = [t["module"] for t in tops], tops[0]
-    run_config = None
-    if location.step_dir is not None and (location.step_dir / "configs" / "config.yaml").is_file():
-        run_config = (location.step_dir / "configs" / "config.yaml").read_text()
-    saved = None
-    if run_config is not None:
-        saved = saved_model(run_config, str(location.step_dir / "configs" / "config.yaml"))
-    if saved is not None:
-        model = saved
+    saved_run = read_saved_run(location)
+    run_config = read_bounded(saved_run.config_path) if saved_run is not None else None
+    if saved_run is not None:
+        model = saved_model(saved_run)
         # The saved model already carries its preset's patches (MLP width, RoPE scaling); the
         # command line's preset no longer applies, only ckpt.context (the resize target) does.
         ckpt = dataclasses.replace(
@@ -162,6 +183,9 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
         iteration if isinstance(iteration, int) and iteration >= 1 else (location.iteration or 1)
     )
     args = first.get("args") if isinstance(first.get("args"), dict) else {}
+    per_shard = [s.shapes() if hasattr(s, "shapes") else shapes_of(s) for s in shards]
+    width = context_width(merged_shapes(per_shard), location.describe())
+    ckpt = keep_source_context(ckpt, width, location.describe())
     return Source(
         location,
         "zero3" if location.is_zero3 else "savanna",

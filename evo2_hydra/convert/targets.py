@@ -1,4 +1,4 @@
-"""convert.py targets vortex and nemo, and the streaming savanna writer behind target=savanna.
+"""convert.py targets: vortex, nemo and savanna, each a thin layer over checkpoint/.
 
 Each target: open the source memory-mapped (`source.py`), check it against the model, write into a
 temporary folder next to `output` tensor by tensor with a progress bar, optionally verify (run the
@@ -9,6 +9,7 @@ into place. Any error before the rename leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -17,22 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
+from evo2_hydra.checkpoint import nemo_io
+from evo2_hydra.checkpoint.adapters import nemo as nemo_format
+from evo2_hydra.checkpoint.adapters import vortex as vortex_format
+from evo2_hydra.checkpoint.loader import load_module_state_dict
+from evo2_hydra.checkpoint.manifest import write_export_manifest
+from evo2_hydra.checkpoint.mp import check_mp_size
 from evo2_hydra.checkpoint.prepare import check_checkpoint
 from evo2_hydra.checkpoint.resize import context_width
-from evo2_hydra.config import ConvertConfig, ModelConfig
-from evo2_hydra.convert import nemo as nemo_format
-from evo2_hydra.convert import vortex as vortex_format
-from evo2_hydra.convert.source import Source, load_source
-from evo2_hydra.convert.stream import (
+from evo2_hydra.checkpoint.stream import (
     BackgroundCrc32,
     TorchSaveStream,
     conversion_progress,
     return_freed_memory_to_os,
     tensor_nbytes,
-    write_manifest,
 )
+from evo2_hydra.checkpoint.writer import write_savanna_dir
+from evo2_hydra.config import CastDtype, ConvertConfig, ModelConfig
+from evo2_hydra.convert.source import Source, load_source
 from evo2_hydra.convert.verify import max_logit_difference, should_verify
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir
@@ -114,7 +120,7 @@ def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
             return dict(vortex_format.vortex_to_savanna(vortex_state, context=width))
 
         diff = _verify(conv, src, state, reimport, fold_hcm=True)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target="vortex",
@@ -136,7 +142,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
     cfg = src.model
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         progress = conversion_progress(
-            nemo_format.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
+            nemo_io.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
         )
         crcs: dict[str, Future] = {}
         checksums = BackgroundCrc32()
@@ -146,23 +152,23 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
             progress.update(tensor_nbytes(tensor))
 
         with progress, contextlib.closing(checksums):
-            written = nemo_format.write_nemo_checkpoint(
+            written = nemo_io.write_nemo_checkpoint(
                 tmp,
                 state,
                 cfg,
                 src.shapes(),
                 fmt=conv.nemo.format,
                 model_size=conv.nemo.model_size,
-                context=conv.ckpt.context,
+                context=src.ckpt.context,
                 on_tensor=written_one,
             )
 
         def reimport():
-            weights = nemo_format.read_nemo_weights(tmp / "weights", conv.nemo.format)
+            weights = nemo_io.read_nemo_weights(tmp / "weights", conv.nemo.format)
             return nemo_format.nemo_to_savanna(weights, cfg)
 
         diff = _verify(conv, src, state, reimport)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target=f"nemo/{conv.nemo.format.value}",
@@ -177,25 +183,37 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
 # savanna
 
 
+def with_context(run_config_yaml: str | None, context: int) -> str | None:
+    """The source's saved run config, its `ckpt.context` set to what the tensors now are (the
+    text unchanged when it already agrees)."""
+    if run_config_yaml is None:
+        return None
+    saved = yaml.safe_load(run_config_yaml)
+    ckpt = saved.get("ckpt") if isinstance(saved, dict) else None
+    if not isinstance(ckpt, dict) or ckpt.get("context") == context:
+        return run_config_yaml
+    ckpt["context"] = context
+    return yaml.safe_dump(saved, sort_keys=False)
+
+
 def described_config(conv: ConvertConfig, cfg: ModelConfig) -> str:
     """`configs/config.yaml` for a source without one: this conversion's config, resolved model."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     resolved = dataclasses.replace(conv, model=cfg, output_dir=str(conv.output))
     return OmegaConf.to_yaml(OmegaConf.structured(resolved))
 
 
-def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -> Path:
+CAST_DTYPES = {CastDtype.bfloat16: torch.bfloat16, CastDtype.float32: torch.float32}
+
+
+def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
     """Re-save as savanna: MP merge/split (`savanna.mp`), resize to `ckpt.context`, dtype cast.
 
     Sources: savanna files (any MP), ZeRO-3 folders (gathered to full fp32 tensors), vortex files
-    (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`.
+    (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`,
+    written by the one savanna writer (checkpoint/writer.py).
     """
-    from evo2_hydra.checkpoint.loader import load_module_state_dict
-    from evo2_hydra.convert.reshard import CAST_DTYPES, check_mp_size, write_savanna_dir
-
     return_freed_memory_to_os()
     src = load_source(conv, source)
     cfg = src.model
@@ -203,9 +221,10 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
     pad_to = check_checkpoint(src.shapes(), src.describe(), src.ckpt, cfg)
     mp_out = conv.savanna.mp or len(src.shards)
     check_mp_size(cfg, mp_out)
+    context = src.ckpt.context
     log.info(
         "savanna: %s -> %s (MP %d -> %d, context -> %d, dtype %s)",
-        src.describe(), output, len(src.shards), mp_out, conv.ckpt.context, conv.savanna.dtype.value,
+        src.describe(), output, len(src.shards), mp_out, context, conv.savanna.dtype.value,
     )  # fmt: skip
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         written = write_savanna_dir(
@@ -213,12 +232,13 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
             src.shards,
             mp_out=mp_out,
             iteration=src.iteration,
-            context=conv.ckpt.context,
+            context=context,
             pad_to=pad_to,
             dtype=CAST_DTYPES.get(conv.savanna.dtype),
             interleave_legacy=conv.ckpt.interleave_legacy,
             args=src.args,
-            run_config_yaml=src.run_config_yaml or described_config(conv, cfg),
+            run_config_yaml=with_context(src.run_config_yaml, context)
+            or described_config(dataclasses.replace(conv, ckpt=src.ckpt), cfg),
             desc=f"savanna (MP {mp_out})",
         )
 
@@ -226,7 +246,7 @@ def convert_savanna_streaming(conv: ConvertConfig, source: Path, output: Path) -
             return load_module_state_dict(tmp)[0]
 
         diff = _verify(conv, src, state, reimport)
-        write_manifest(
+        write_export_manifest(
             tmp,
             source=src.describe(),
             target=f"savanna/mp{mp_out}",

@@ -15,41 +15,25 @@ import gzip
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from itertools import repeat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-
-import numpy as np
 
 try:  # orjson parses 3-5x faster; the standard library gives the same objects
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
     from json import loads as _loads
 
+from evo2_hydra.data.encode import DocumentEncoder, EncodedChunk, EncodeSettings, encode_plain
 from evo2_hydra.errors import UserError
 
+__all__ = ["Chunk", "EncodedChunk", "EncodeSettings", "encode_chunk", "is_jsonl", "iter_chunks"]
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
-EOD_PIECE = b"\x00"
 
 
 def is_jsonl(path: str) -> bool:
     return path.endswith(JSONL_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class EncodeSettings:
-    """Everything that decides the tokens of one document (picklable for worker processes)."""
-
-    text_key: str = "text"
-    append_eod: bool = True
-    max_length: int | None = None  # padded mode: longest document in tokens (= ckpt.context)
-    truncate: bool = False  # cut documents longer than max_length instead of reporting them
-    condition_field: str | None = None
-    condition_tokens: dict[str, str] = field(default_factory=dict)
-    stop_at_first_problem: bool = (
-        True  # data.on_error=fail: nothing after the first problem matters
-    )
 
 
 @dataclass
@@ -57,17 +41,6 @@ class Chunk:
     path: str
     data: bytes  # whole lines
     consumed: int  # input bytes (compressed for .gz) read from the file when this chunk was cut
-
-
-@dataclass
-class EncodedChunk:
-    path: str
-    tokens: bytes  # all documents' token bytes, EOD pieces included, unpadded
-    lengths: np.ndarray  # int32 tokens per document (conditioning token and EOD included)
-    problems: list[tuple[int, str]]  # (0-based line within the chunk, what is wrong)
-    input_bytes: int
-    lines: int  # lines in the chunk (the caller turns chunk-relative line numbers into absolute)
-    truncated: int = 0
 
 
 class _Progress:
@@ -195,10 +168,11 @@ def _encode_whole_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk 
     """The fast path for a chunk where every line is a plain, good, ASCII document.
 
     The chunk's lines become one JSON array (newlines cannot occur inside JSON strings, so
-    replacing them by commas is exact) parsed by a single orjson call; the texts are joined with
-    the EOD separator in one go. Anything unusual (a bad or blank line, non-ASCII text, a class not
-    in the mapping, a document to truncate or reject) returns None and the caller takes the
-    line-by-line path, which produces the same tokens and the exact line numbers.
+    replacing them by commas is exact) parsed by a single orjson call; `encode_plain` joins the
+    texts in one go. Anything unusual (a bad or blank line, a character the text policy does not
+    expect, a class not in the mapping, a window to cut, a document to truncate or reject)
+    returns None and the caller takes the line-by-line path, which produces the same tokens and
+    the exact line numbers.
     """
     data = chunk.data
     body = data[:-1] if data.endswith(b"\n") else data
@@ -212,30 +186,46 @@ def _encode_whole_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk 
         )
     except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
         return None
-    if not texts or not all(type(t) is str and t for t in texts):
+    encoded = encode_plain(texts, tokens, settings)
+    if encoded is None:
         return None
-    eod = "\x00" if settings.append_eod else ""
-    if tokens is not None:
-        if not all(type(t) is str and len(t) == 1 for t in tokens):
-            return None
-        joined = "".join([piece for pair in zip(tokens, texts, repeat(eod)) for piece in pair])
-        lengths = np.fromiter((len(t) for t in texts), np.int32, len(texts)) + 1
-    else:
-        joined = eod.join(texts) + eod
-        lengths = np.fromiter((len(t) for t in texts), np.int32, len(texts))
-    if not joined.isascii():  # byte lengths differ from character lengths
-        return None
-    lengths += len(eod)
-    if settings.max_length is not None and lengths.max() > settings.max_length:
-        return None
+    joined, lengths = encoded
     return EncodedChunk(
         path=chunk.path,
-        tokens=joined.encode("ascii"),
+        tokens=joined,
         lengths=lengths,
         problems=[],
         input_bytes=len(data),
         lines=body.count(b"\n") + 1,
+        records=len(texts),
     )
+
+
+def _condition_token(obj: dict, settings: EncodeSettings) -> tuple[bytes, str | None]:
+    """(the conditioning token's byte, or a problem) for one JSONL object."""
+    cond_field = settings.condition_field
+    if cond_field is None:
+        return b"", None
+    if cond_field not in obj:
+        return b"", (
+            f"no '{cond_field}' key (data.condition.field; "
+            f"data.condition.field=null uses sequences as they are)"
+        )
+    value = obj[cond_field]
+    name = value if type(value) is str else None
+    if type(value) is int:
+        name = str(value)
+    mapped = settings.condition_tokens.get(name) if name is not None else None
+    if mapped is None:
+        known = ", ".join(sorted(settings.condition_tokens)) or "none"
+        return b"", f"{cond_field}={value!r} is not in data.condition.tokens (known: {known})"
+    token = mapped.encode("utf-8")
+    if len(token) != 1:
+        return b"", (
+            f"{cond_field}={value!r} maps to {mapped!r}, which is "
+            f"{len(token)} bytes; a conditioning token must be one byte"
+        )
+    return token, None
 
 
 def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
@@ -243,22 +233,15 @@ def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
     fast = _encode_whole_chunk(chunk, settings)
     if fast is not None:
         return fast
-    pieces: list[bytes] = []
-    lengths: list[int] = []
-    problems: list[tuple[int, str]] = []
-    truncated = 0
+    encoder = DocumentEncoder(settings)
     key = settings.text_key
-    cond_field = settings.condition_field
-    cond_tokens = settings.condition_tokens
-    eod = 1 if settings.append_eod else 0
-    max_length = settings.max_length
     loads = _loads
     data = chunk.data
     view = memoryview(data)  # lines are parsed in place, without copying them out
     size = len(data)
     pos = 0
     i = -1
-    while pos < size:
+    while pos < size and not encoder.stopped:
         i += 1
         end = data.find(b"\n", pos)
         if end < 0:
@@ -286,68 +269,13 @@ def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
                 elif not text:
                     problem = f"empty sequence in '{key}'"
         token = b""
-        if problem is None and cond_field is not None:
-            if cond_field not in obj:
-                problem = (
-                    f"no '{cond_field}' key (data.condition.field; "
-                    f"data.condition.field=null uses sequences as they are)"
-                )
-            else:
-                value = obj[cond_field]
-                name = value if type(value) is str else None
-                if type(value) is int:
-                    name = str(value)
-                mapped = cond_tokens.get(name) if name is not None else None
-                if mapped is None:
-                    known = ", ".join(sorted(cond_tokens)) or "none"
-                    problem = (
-                        f"{cond_field}={value!r} is not in data.condition.tokens (known: {known})"
-                    )
-                else:
-                    token = mapped.encode("utf-8")
-                    if len(token) != 1:
-                        problem = (
-                            f"{cond_field}={value!r} maps to {mapped!r}, which is "
-                            f"{len(token)} bytes; a conditioning token must be one byte"
-                        )
         if problem is None:
-            try:
-                body = text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                problem = f"'{key}' is not valid Unicode ({err.reason})"
-        if problem is None:
-            length = len(token) + len(body) + eod
-            if max_length is not None and length > max_length:
-                if settings.truncate:
-                    body = body[: max_length - len(token) - eod]
-                    length = max_length
-                    truncated += 1
-                else:
-                    problem = (
-                        f"sequence of {length} tokens (conditioning token and EOD included) is "
-                        f"longer than ckpt.context={max_length} in padded packing; "
-                        f"set data.truncate=true to cut it"
-                    )
+            token, problem = _condition_token(obj, settings)
         if problem is not None:
-            problems.append((i, problem))
-            if settings.stop_at_first_problem:
-                break
+            encoder.problem(i, problem)
             continue
-        if token:
-            pieces.append(token)
-        pieces.append(body)
-        if eod:
-            pieces.append(EOD_PIECE)
-        lengths.append(length)
-    return EncodedChunk(
-        path=chunk.path,
-        tokens=b"".join(pieces),
-        lengths=np.asarray(lengths, dtype=np.int32),
-        problems=problems,
-        input_bytes=size,
-        lines=i + 1,
-        truncated=truncated,
-    )
+        encoder.add(text, token, i)
+    return encoder.finish(chunk.path, size, i + 1)
 
 
 def input_size(path: str) -> int:

@@ -1,8 +1,10 @@
 """prepare_data: turn data.input / valid_input / test_input into BIN/IDX datasets, with caching.
 
-JSONL inputs are preprocessed once per (file content, settings) into
+JSONL and FASTA inputs are preprocessed once per (file content, settings) into
 `{cache_dir}/jsonl/{name}-{key}/`, where key hashes the file's bytes and every setting that changes
-the tokens. A second run or every job of a sweep finds the folder and reuses it. Several processes
+the tokens. The content hash is remembered per (path, inode, size, mtime, ctime): rewriting a file
+changes its ctime even when its size and mtime are put back (`touch -d`), so an edited file is
+hashed again, never served stale. A second run or every job of a sweep finds the folder and reuses it. Several processes
 (ranks, Slurm jobs) calling at once are safe: the first takes a file lock and builds the folder
 under a temporary name, then renames it into place; the others wait for the lock and find it done
 (and without working locks, e.g. some network file systems, the rename still makes the result whole).
@@ -21,14 +23,20 @@ from pathlib import Path
 
 from evo2_hydra.config import DataConfig, Packing
 from evo2_hydra.data.indexed import MMapIndexedDataset, is_indexed_prefix, strip_extension
-from evo2_hydra.data.jsonl import is_jsonl
-from evo2_hydra.data.preprocess import load_conditions, output_prefix_for, preprocess_to_prefix
+from evo2_hydra.data.preprocess import (
+    check_summary,
+    is_sequence_file,
+    load_conditions,
+    output_prefix_for,
+    preprocess_to_prefix,
+    resolved_window,
+)
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import atomic_dir, file_lock, write_text_atomic
 
 log = logging.getLogger("evo2_hydra.data")
 
-CACHE_VERSION = 1  # bump when the encoding changes, so old cache folders are not reused
+CACHE_VERSION = 2  # bump when the encoding changes, so old cache folders are not reused
 
 
 @dataclass
@@ -82,9 +90,21 @@ def split_documents(n_docs: int, split: str) -> list[tuple[int, int]]:
 
 
 def file_digest(path: str, cache_dir: Path) -> str:
-    """sha256 of the file's bytes, memoised by (path, size, mtime) so reruns skip re-reading."""
+    """sha256 of the file's bytes, memoised by (path, device, inode, size, mtime, ctime) so reruns
+    skip re-reading. ctime is set by the kernel on every write and cannot be set back by the
+    user (`touch -d` changes mtime only), so a rewritten file never matches its old entry."""
     stat = os.stat(path)
-    stamp = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    stamp = "\0".join(
+        str(v)
+        for v in (
+            os.path.abspath(path),
+            stat.st_dev,
+            stat.st_ino,
+            stat.st_size,
+            stat.st_mtime_ns,
+            stat.st_ctime_ns,
+        )
+    )
     memo = cache_dir / "hashes" / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".txt")
     if memo.is_file():
         return memo.read_text().strip()
@@ -99,26 +119,39 @@ def file_digest(path: str, cache_dir: Path) -> str:
     return value
 
 
-def encoding_settings(data: DataConfig, context: int) -> dict:
-    """Every setting that changes the tokens written for a JSONL file."""
+def encoding_settings(data: DataConfig, context: int, cache_dir: Path | None = None) -> dict:
+    """Every setting that changes the tokens written for a JSONL or FASTA file."""
+    cond = data.condition
+    window = resolved_window(data, context)
     return {
         "version": CACHE_VERSION,
         "packing": data.packing.value,
         "context": context if data.packing == Packing.padded else None,
         "append_eod": data.append_eod,
         "text_key": data.text_key,
-        "condition_field": data.condition.field,
-        "condition_tokens": dict(sorted(data.condition.tokens.items()))
-        if data.condition.field
-        else {},
+        "condition_field": cond.field,
+        "condition_header_regex": cond.header_regex,
+        "condition_tsv": file_digest(cond.tsv, cache_dir)
+        if cond.tsv is not None and cache_dir is not None and Path(cond.tsv).is_file()
+        else cond.tsv,
+        "condition_tokens": dict(sorted(cond.tokens.items())) if cond.enabled else {},
         "truncate": data.truncate,
         "on_error": data.on_error.value,
+        "alphabet": data.alphabet.value,
+        "charset": data.charset.value,
+        "window": window,
+        "stride": data.stride if window is not None else None,
+        "keep_partial_window": data.keep_partial_window if window is not None else None,
+        "reverse_complement": data.reverse_complement.value,
+        "reverse_complement_seed": data.reverse_complement_seed
+        if data.reverse_complement.value == "random"
+        else None,
     }
 
 
 def cached_preprocess(path: str, data: DataConfig, context: int, cache_dir: Path) -> str:
     """BIN/IDX prefix of `path` preprocessed with `data`'s settings (built once, then reused)."""
-    settings = encoding_settings(data, context)
+    settings = encoding_settings(data, context, cache_dir)
     key_source = json.dumps({"file": file_digest(path, cache_dir), **settings}, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     stem = Path(path).name.split(".")[0] or "data"
@@ -126,6 +159,7 @@ def cached_preprocess(path: str, data: DataConfig, context: int, cache_dir: Path
     prefix = output_prefix_for(str(folder / "data"), data.text_key)
     with file_lock(cache_dir / "jsonl" / f".{stem}-{key}.lock"):
         if folder.is_dir():
+            check_summary(prefix)  # sizes agree with the pair (a tampered cache is an error)
             log.info("data: reusing %s (cached preprocessing of %s)", folder, path)
             return prefix
         log.info("data: preprocessing %s into %s", path, folder)
@@ -151,18 +185,19 @@ def _resolve(
 ) -> list[str]:
     prefixes = []
     for path in paths:
-        if is_jsonl(path):
+        if is_sequence_file(path):
             if not Path(path).is_file():
                 raise UserError(f"data.{key}: {path} does not exist")
             prefixes.append(cached_preprocess(path, data, context, cache_dir))
         elif is_indexed_prefix(path):
             prefix = strip_extension(path)
             MMapIndexedDataset(prefix)  # checks the header and the .bin size now, not mid-run
+            check_summary(prefix)  # our own preprocessing: the summary describes this pair
             prefixes.append(prefix)
         else:
             raise UserError(
-                f"data.{key}: {path} is neither a .jsonl/.jsonl.gz file nor a BIN/IDX prefix "
-                f"(expected {path}.bin and {path}.idx)"
+                f"data.{key}: {path} is neither JSONL (.jsonl[.gz]), FASTA (.fa/.fasta/.fna"
+                f"[.gz]) nor a BIN/IDX prefix (expected {path}.bin and {path}.idx)"
             )
     return prefixes
 
@@ -172,7 +207,9 @@ def prepare_data(data: DataConfig, context: int, cache_dir: str) -> PreparedData
     cache = Path(cache_dir)
     train_paths = DataConfig.as_list(data.input)
     if not train_paths:
-        raise UserError("data.input: no training data given (a JSONL file or a BIN/IDX prefix)")
+        raise UserError(
+            "data.input: no training data given (a JSONL or FASTA file, or a BIN/IDX prefix)"
+        )
     if data.weights is not None and len(data.weights) != len(train_paths):
         raise UserError(
             f"data.weights has {len(data.weights)} entries for {len(train_paths)} data.input paths"
@@ -203,7 +240,7 @@ def prepare_data(data: DataConfig, context: int, cache_dir: str) -> PreparedData
     tokens: dict[str, str] = {}
     for prefix in train_prefixes:  # mappings stored with BIN/IDX data (ours or an earlier run)
         tokens.update(load_conditions(prefix))
-    if data.condition.field is not None:
+    if data.condition.enabled:
         tokens.update({str(k): str(v) for k, v in data.condition.tokens.items()})
     return PreparedData(
         train=train,

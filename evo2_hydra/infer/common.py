@@ -1,13 +1,14 @@
 """What the inference tasks (embed, vep; score's chunking) share: input records, output folders,
 the model, and running token sequences through it in chunks.
 
-Input reading sits behind `read_records` so a switch to the data package's FASTA/JSONL reader (and
-its text normalization) is a one-line change there.
+Input reading goes through the data package's one sequence reader (`evo2_hydra.data.records`:
+JSONL or FASTA, the run's text policy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +19,13 @@ import torch
 from torch import Tensor
 
 from evo2_hydra.config import CkptConfig, DataConfig, ModelConfig
+from evo2_hydra.data.text import TextPolicy
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer.memory import choose_chunk_tokens
 from evo2_hydra.model import StripedHyena2
 from evo2_hydra.model.chunked import Capture, chunk_spans, forward_chunk, new_cache
+
+log = logging.getLogger(__name__)
 
 PAD_ID = 1  # CharLevelTokenizer pad; right padding never reaches earlier positions (causal)
 
@@ -36,13 +40,38 @@ class Record:
     text: str
 
 
-def read_records(path: str | Path, text_key: str, max_len: int, key: str) -> list[Record]:
-    """Every sequence of the input, validated before any work (errors name file and line)."""
-    from evo2_hydra.score import read_sequences
+def read_records(
+    path: str | Path,
+    text_key: str,
+    max_len: int,
+    key: str,
+    policy: TextPolicy | None = None,
+) -> list[Record]:
+    """Every sequence of the input (JSONL or FASTA, plain or gzip) as model input under the
+    run's text policy (`policy_for_checkpoint`), validated before any work; errors name the file
+    and line or record (`evo2_hydra.data.records`)."""
+    from evo2_hydra.data.records import read_sequences
 
-    if not Path(path).is_file():
-        raise UserError(f"{key}={path}: no such file")
-    return [Record(r.index, r.id, r.text) for r in read_sequences(Path(path), text_key, max_len)]
+    records, skipped = read_sequences(
+        path, key=key, policy=policy or TextPolicy(), text_key=text_key, min_length=1
+    )
+    if skipped:
+        log.warning(
+            "%s: skipped %d sequences with characters outside data.charset "
+            "(data.alphabet=skip), e.g. %s",
+            key,
+            len(skipped),
+            skipped[0],
+        )
+    for r in records:
+        if len(r.text.encode("utf-8")) > max_len:
+            raise UserError(
+                f"{r.where}: sequence of {len(r.text.encode('utf-8'))} tokens exceeds "
+                f"ckpt.context={max_len}"
+            )
+    if not records:
+        raise UserError(f"{path}: no sequences left")
+    return [Record(r.index, r.id, r.text) for r in records]
 
 
 def tokenize(text: str) -> list[int]:

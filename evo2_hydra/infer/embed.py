@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from evo2_hydra.config import EmbedConfig, EmbedPool, ModelConfig, RunConfig, SaveDtype, ScoreDtype
+from evo2_hydra.data.text import policy_for_checkpoint
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer import common
 from evo2_hydra.infer.layers import resolve_layers
@@ -183,10 +184,13 @@ def run_embed(run: RunConfig) -> Path:
     """Embed every sequence of `embed.input`; returns the output folder."""
     settings: EmbedConfig = run.embed
     if not settings.input:
-        raise UserError("task=embed needs embed.input (a JSONL file of sequences)")
+        raise UserError("task=embed needs embed.input (a JSONL or FASTA file of sequences)")
     source = common.describe(run.ckpt, run.model, run.data)
     layers = resolve_layers(list(settings.layers), source.model)  # before any weights are read
-    records = common.read_records(settings.input, settings.text_key, source.context, "embed.input")
+    policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)  # as the run trained
+    records = common.read_records(
+        settings.input, settings.text_key, source.context, "embed.input", policy
+    )
     _, world = rank_and_world()
     sharded = max(world, run.cluster.world_size) > 1
     output = common.output_folder(settings.output, "embed.output", "embed", source, sharded)

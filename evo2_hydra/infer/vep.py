@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from evo2_hydra.config import OnError, RunConfig, ScoreDtype, VepConfig
+from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer import common
 from evo2_hydra.infer.shard import rank_and_world, run_sharded
@@ -63,9 +64,18 @@ class Site:
 
 
 def build_sites(
-    variants: list[Variant], fasta, window: int, context: int, on_mismatch: OnError
+    variants: list[Variant],
+    fasta,
+    window: int,
+    context: int,
+    on_mismatch: OnError,
+    policy: TextPolicy | None = None,
 ) -> tuple[list[Site], list[tuple[Variant, str]]]:
-    """Group variants by position, fetch each window once, check REF; returns (sites, skipped)."""
+    """Group variants by position, fetch each window once, check REF; returns (sites, skipped).
+
+    Windows become model input under the run's text policy (`policy`): upper-cased when the run
+    trained upper-cased (soft-masked lowercase repeats score as the model saw them in training),
+    characters outside data.charset per data.alphabet (skip: the variants there are skipped)."""
     contigs = dict(zip(fasta.references, fasta.lengths))
     sites: dict[tuple[str, int], Site] = {}
     skipped: list[tuple[Variant, str]] = []
@@ -84,7 +94,15 @@ def build_sites(
         if site is None:
             p = v.pos - 1
             start, end = max(0, p - window // 2), min(length, p + window // 2)
-            site = Site(v.chrom, v.pos, start, fasta.fetch(v.chrom, start, end), p - start)
+            text = fasta.fetch(v.chrom, start, end)
+            if policy is not None:
+                where = f"reference {v.chrom}:{start + 1}-{end} (for {v.where})"
+                normalized = policy.normalize(text, where, model=True)
+                if normalized is None:  # data.alphabet=skip
+                    skipped.append((v, f"reference window: {policy.problem(text)}"))
+                    continue
+                text = normalized
+            site = Site(v.chrom, v.pos, start, text, p - start)
             sites[key] = site
         k = site.offset
         found = site.window[k : k + len(v.ref)]
@@ -275,8 +293,9 @@ def run_vep(run: RunConfig) -> Path:
     variants = read_variants(settings.variants)
     fasta = open_reference(settings.reference, Path(run.paths.cache_dir) / "fai")
     try:
+        policy, _ = policy_for_checkpoint(run.ckpt.path, run.data)  # as the run trained
         sites, skipped = build_sites(
-            variants, fasta, settings.window, source.context, settings.on_mismatch
+            variants, fasta, settings.window, source.context, settings.on_mismatch, policy
         )
     finally:
         fasta.close()

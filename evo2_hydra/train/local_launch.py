@@ -2,16 +2,20 @@
 
 Each child gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and the already-composed
 RunConfig (pickled by multiprocessing's spawn), then runs the same per-rank code a torchrun or Slurm
-task runs. The parent forwards SIGTERM/SIGINT to the children (each saves a checkpoint and exits)
-and turns a child's UserError back into a UserError.
+task runs. The children run in their own process group, so a Ctrl-C in the terminal reaches only
+the parent, which forwards SIGTERM/SIGINT once to every child (each saves a checkpoint and exits);
+a second Ctrl-C stops them at once (unsaved; SIGKILL after a few seconds). A child whose parent dies gets SIGTERM (Linux). The
+parent turns a child's UserError back into a UserError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +24,25 @@ from evo2_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 5.0  # after a second Ctrl-C, how long ranks get to stop before SIGKILL
+
+
+def _detach_from_terminal_signals() -> None:
+    """Own process group (a terminal's Ctrl-C goes to the parent only, which forwards it once)
+    and SIGTERM when the parent dies (so a killed launcher never leaves ranks training on)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
 
 def _child(
     rank: int, world: int, port: int, target: Callable[[Any], Any], arg: Any, results
 ) -> None:
+    _detach_from_terminal_signals()
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -46,6 +65,12 @@ def _child(
     except UserError as err:
         results.put((rank, "user_error", str(err)))
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        results.put((rank, "interrupted", "stopped without saving"))
+        raise SystemExit(130) from None
+    except OSError as err:  # a file-system error: the CLI prints it as "<path>: <cause>"
+        results.put((rank, "os_error", (err.errno, err.strerror, err.filename)))
+        raise SystemExit(2) from None
     except BaseException as err:
         results.put((rank, "error", f"{type(err).__name__}: {err}"))
         raise
@@ -53,6 +78,30 @@ def _child(
 
 def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any:
     """Run `target(arg)` in `world` processes; return rank 0's result."""
+    # The processes and their queue live only inside _run_ranks: an exception raised here keeps
+    # no reference to them, so the queue's semaphores are released before the process exits.
+    outcome, exit_codes, stopped_now = _run_ranks(world, target, arg)
+    if stopped_now:
+        raise KeyboardInterrupt("SIGINT")
+    failures = {r: v for r, (s, v) in outcome.items() if s != "ok"}
+    user_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "user_error"]
+    if user_errors:
+        raise UserError(user_errors[0])
+    if any(s == "interrupted" for s, _ in outcome.values()):
+        raise KeyboardInterrupt("SIGINT")
+    os_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "os_error"]
+    if os_errors:
+        raise OSError(*os_errors[0])
+    if failures or 0 not in outcome:
+        raise RuntimeError(f"local ranks failed: {failures or exit_codes}")
+    return outcome[0][1]
+
+
+def _run_ranks(
+    world: int, target: Callable[[Any], Any], arg: Any
+) -> tuple[dict[int, tuple[str, Any]], dict[str, int | None], bool]:
+    """Start the ranks, forward signals, collect (rank -> (status, value)), exit codes, and
+    whether a second Ctrl-C stopped them at once."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -61,8 +110,14 @@ def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any
         for r in range(world)
     ]
     forwarded = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    received: list[int] = []
+    outcome: dict[int, tuple[str, Any]] = {}
 
     def forward(signum, _frame):
+        again = signum == signal.SIGINT and signal.SIGINT in received
+        received.append(signum)
+        if again:  # the second Ctrl-C: stop now, nothing is saved
+            raise KeyboardInterrupt("SIGINT")
         log.warning("%s: forwarding to %d local ranks", signal.Signals(signum).name, world)
         for p in procs:
             if p.pid is not None and p.is_alive():
@@ -70,10 +125,10 @@ def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any
 
     for sig in forwarded:
         signal.signal(sig, forward)
+    stopped_now = False
     try:
         for p in procs:
             p.start()
-        outcome: dict[int, tuple[str, Any]] = {}
         while len(outcome) < world:
             if all(not p.is_alive() for p in procs) and results.empty():
                 break
@@ -86,18 +141,23 @@ def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any
                 break  # one rank failed: the others cannot finish their collectives
         for p in procs:
             p.join(timeout=None if all(s == "ok" for s, _ in outcome.values()) else 20)
+    except KeyboardInterrupt:
+        # the second Ctrl-C: the ranks stop at their next Python instruction (their own second
+        # SIGINT), unsaved; a rank stuck in a collective is killed after a short grace
+        stopped_now = True
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
     finally:
         for p in procs:
-            if p.is_alive():
+            if p.pid is not None and p.is_alive():
                 p.kill()
                 p.join()
         for sig, old in forwarded.items():
             signal.signal(sig, old)
-    failures = {r: v for r, (s, v) in outcome.items() if s != "ok"}
-    user_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "user_error"]
-    if user_errors:
-        raise UserError(user_errors[0])
-    if failures or 0 not in outcome:
-        codes = {p.name: p.exitcode for p in procs}
-        raise RuntimeError(f"local ranks failed: {failures or codes}")
-    return outcome[0][1]
+    results.close()
+    results.join_thread()
+    return outcome, {p.name: p.exitcode for p in procs}, stopped_now

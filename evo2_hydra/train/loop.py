@@ -3,9 +3,10 @@ and the two ways a run stops early.
 
 - NaN/inf loss: every rank checks before `backward` (so no bad update is applied); the run stops
   with `TrainingDiverged` naming the step, and the last good checkpoint stays `latest`.
-- SIGTERM (Slurm preemption, timeout, `kill`): the handler only sets a flag, so a signal that
-  arrives mid-step lets the step finish; then every rank saves a checkpoint and the loop returns
-  normally (the process exits 0 and a requeued job auto-resumes from it).
+- SIGTERM (Slurm preemption, timeout, `kill`) or SIGINT (Ctrl-C): the handler only sets a flag,
+  so a signal that arrives mid-step lets the step finish; then every rank saves a checkpoint and
+  the loop returns normally (SIGTERM exits 0 so a requeued job auto-resumes from it; SIGINT exits
+  130). A second Ctrl-C stops at once, without saving (KeyboardInterrupt, one line at the CLI).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class LoopResult:
 
 
 class StopFlag:
-    """Set by SIGTERM; the loop polls it at step boundaries (never interrupts a step)."""
+    """Set by SIGTERM or SIGINT; the loop polls it at step boundaries (never interrupts a step).
+
+    A second SIGINT (the user pressing Ctrl-C again) raises KeyboardInterrupt: stop now.
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -50,17 +54,21 @@ class StopFlag:
         return self.signal_name is not None
 
     @contextlib.contextmanager
-    def installed(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def installed(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers can only be installed from the main thread
             return
         previous = {sig: signal.getsignal(sig) for sig in signals}
 
         def handler(signum, _frame):
-            self.signal_name = signal.Signals(signum).name
-            log.warning(
-                "%s received: finishing this step, then saving a checkpoint", self.signal_name
-            )
+            name = signal.Signals(signum).name
+            if self.signal_name is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt(name)
+                return  # already stopping (Slurm may repeat SIGTERM)
+            self.signal_name = name
+            hint = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
+            log.warning("%s received: finishing this step, then saving a checkpoint%s", name, hint)
 
         for sig in signals:
             signal.signal(sig, handler)

@@ -157,30 +157,3 @@ def check_fits(run: RunConfig) -> MemoryEstimate:
             "ckpt.context, or plan.force=true to run anyway"
         )
     return est
-
-
-def memory_section(run: RunConfig):
-    """task=plan section: the estimate for this run's ZeRO stage, world size, batch and context."""
-    from evo2_hydra.plan import PlanSection
-
-    est = run_memory_estimate(run)
-    t = run.train
-    verdict = "fits" if est.fits else "does NOT fit (launch.py refuses it unless plan.force=true)"
-    lines = [
-        f"ZeRO-{t.zero_stage}, {t.precision.value}, world size {run.cluster.world_size}, "
-        f"micro batch {t.micro_batch_size} x context {run.ckpt.context}, activation "
-        f"checkpointing {'on' if t.activation_checkpointing else 'off'}",
-        f"weights      {est.weights_gb:8.2f} GiB",
-        f"gradients    {est.grads_gb:8.2f} GiB",
-        f"optimizer    {est.optimizer_gb:8.2f} GiB",
-        f"buffers      {est.buffers_gb:8.2f} GiB",
-        f"activations  {est.activations_gb:8.2f} GiB",
-        f"overhead     {est.overhead_gb:8.2f} GiB",
-        f"total        {est.total_gb:8.2f} GiB per GPU of {est.gpu_memory_gb:g} GiB "
-        f"(cluster.gpu_memory_gb): {verdict}",
-    ]
-    return PlanSection(
-        title="memory per GPU (estimate; formulas in evo2_hydra/train/memory.py)",
-        lines=lines,
-        data={"memory": est.as_dict()},
-    )

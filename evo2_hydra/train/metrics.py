@@ -1,6 +1,9 @@
 """What a run reports: `metrics.jsonl` and TensorBoard in the run folder, a console progress bar,
 and `loss.png` at the end. Only rank 0 writes; the other ranks get a logger that does nothing.
 
+Reporting never stops a run: a write that fails (a full disk, a folder made read-only) turns that
+output off with one warning, and training and checkpointing go on.
+
 metrics.jsonl holds one JSON object per line:
   {"kind": "train", "step": 12, "loss": 1.23, "lr": 1e-4, "grad_norm": 0.8, "tokens_per_s": 5e3,
    "memory_gb": 0.4, "time_s": 30.1}
@@ -9,6 +12,7 @@ metrics.jsonl holds one JSON object per line:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,9 +52,14 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    with atomic_file(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    try:
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    except (OSError, ValueError) as err:
+        log.warning(
+            "%s: not trimmed to step %d (%s); it may list some steps twice", path, last_step, err
+        )
 
 
 class MetricsLogger:
@@ -64,13 +73,18 @@ class MetricsLogger:
         self._bar = None
         if not enabled:
             return
-        self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115
+        try:
+            self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115
+        except OSError as err:
+            self._file_failed(err)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
         except ImportError:  # tensorboard is a dependency, but metrics must not die with it
             log.warning("tensorboard is not installed; metrics go to %s only", METRICS_FILE)
+        except OSError as err:
+            self._tb_failed(err)
         from tqdm import tqdm
 
         self._bar = tqdm(
@@ -85,18 +99,52 @@ class MetricsLogger:
             disable=os.environ.get("EVO2_NO_PROGRESS") == "1",
         )
 
+    def _file_failed(self, err: OSError) -> None:
+        log.warning(
+            "%s: cannot write metrics (%s); training goes on without them",
+            self.run_dir / METRICS_FILE,
+            err.strerror or err,
+        )
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._file = None
+
+    def _tb_failed(self, err: OSError) -> None:
+        log.warning(
+            "%s: cannot write TensorBoard events (%s); training goes on without them",
+            self.run_dir / TENSORBOARD_DIR,
+            err.strerror or err,
+        )
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            with contextlib.suppress(Exception):
+                tb.close()
+
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as err:
+            self._file_failed(err)
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        if self._tb is None:
+            return
+        try:
+            self._tb.add_scalar(tag, value, step)
+        except OSError as err:
+            self._tb_failed(err)
 
     def train_step(self, record: dict) -> None:
         if not self.enabled:
             return
         self._write({"kind": "train", **record})
         step = record["step"]
-        if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_gb"):
-                if record.get(key) is not None:
-                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_gb"):
+            if record.get(key) is not None:
+                self._scalar(f"train/{key}", record[key], step)
         self._bar.update(step - self._bar.n)
         self._bar.set_postfix(
             loss=f"{record['loss']:.4f}",
@@ -110,21 +158,35 @@ class MetricsLogger:
             return
         ppl = math.exp(min(loss, 80.0))
         self._write({"kind": "valid", "step": step, "loss": loss, "perplexity": ppl})
-        if self._tb is not None:
-            self._tb.add_scalar("valid/loss", loss, step)
-            self._tb.add_scalar("valid/perplexity", ppl, step)
+        self._scalar("valid/loss", loss, step)
+        self._scalar("valid/perplexity", ppl, step)
         log.info("step %d: valid loss %.4f, perplexity %.3f", step, loss, ppl)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as err:
+                self._tb_failed(err)
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as err:
+                self._file_failed(err)
 
 
 def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png; a plot that cannot be written is a warning, never the end of a run."""
+    try:
+        return _plot_losses(run_dir)
+    except Exception as err:  # noqa: BLE001 - matplotlib and disk errors alike: report, go on
+        log.warning("%s: no loss plot (%s)", Path(run_dir) / PLOT_FILE, err)
+        return None
+
+
+def _plot_losses(run_dir: Path) -> Path | None:
     """loss.png: train loss per step and validation loss per evaluation."""
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]

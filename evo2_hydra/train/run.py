@@ -11,8 +11,11 @@ Starting the same command again in the same folder continues from `checkpoints/l
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -27,49 +30,33 @@ from omegaconf import OmegaConf
 from evo2_hydra.config import ClusterKind, Precision, RunConfig
 from evo2_hydra.distributed import DistInfo, launched_externally, setup_distributed
 from evo2_hydra.errors import UserError
-from evo2_hydra.io_utils import write_text_atomic
+from evo2_hydra.io_utils import (
+    LOCK_NAME,
+    exclusive_lock,
+    write_failure_as_os_error,
+    write_text_atomic,
+)
+from evo2_hydra.run_identity import identity
 
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "config.yaml"
-# Settings that may change between a run and its continuation (schedule length, cadence, where
-# it runs); anything else differing means the folder belongs to another run.
-RESUMABLE_CHANGES = {
-    "train.steps",
-    "train.save_every",
-    "train.keep_last",
-    "train.eval_every",
-    "train.eval_steps",
-    "train.log_every",
-    "train.resume",
-}
-IDENTITY_SECTIONS = ("model", "ckpt", "data", "train", "seed")
 
 
 def config_yaml(run: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(run))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def config_differences(saved_yaml: str, run: RunConfig) -> list[str]:
-    """Keys (with both values) where the run folder's config and this run's config differ."""
-    saved = yaml.safe_load(saved_yaml) or {}
-    now = yaml.safe_load(config_yaml(run))
-    diffs = []
-    for section in IDENTITY_SECTIONS:
-        a, b = _flatten(saved.get(section), section), _flatten(now.get(section), section)
-        for key in sorted(set(a) | set(b)):
-            if key not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
-                diffs.append(f"{key}: {a.get(key)!r} in the folder, {b.get(key)!r} now")
-    return diffs
+def config_differences(saved: dict, run: RunConfig) -> list[str]:
+    """Keys (with both values) where the run folder's config and this run's config differ,
+    among the settings that define a run (run_identity: not steps, cadence, cluster, cache)."""
+    before = identity(saved or {})
+    now = identity(yaml.safe_load(config_yaml(run)))
+    return [
+        f"{key}: {before.get(key)!r} in the folder, {now.get(key)!r} now"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
 
 
 def _archive_previous(run_dir: Path) -> Path:
@@ -82,31 +69,33 @@ def _archive_previous(run_dir: Path) -> Path:
     return dest
 
 
-def check_run_folder(run_dir: Path, run: RunConfig) -> bool:
-    """Decide fresh start vs resume (rank 0). Returns True to resume from checkpoints/latest.
+def check_run_folder(run_dir: Path, run: RunConfig) -> Path | None:
+    """Decide fresh start vs resume (rank 0). Returns the verified step folder to resume from.
 
     Refuses a folder holding another run's config unless train.resume=false (then the old
-    outputs move to previous/<time>/).
+    outputs move to previous/<time>/). A folder holding checkpoints always resumes from an
+    intact one or stops (never starts over on top of them; train/saving.resume_step_dir).
     """
-    from evo2_hydra.train.saving import latest_step_dir
+    from evo2_hydra.checkpoint.run_dir import read_config_file
+    from evo2_hydra.train.saving import resume_step_dir
 
     saved = run_dir / RUN_CONFIG
     used = saved.is_file() or (run_dir / "checkpoints").exists()
     if not used:
-        return False
+        return None
     if not run.train.resume:
         dest = _archive_previous(run_dir)
         log.warning("train.resume=false: the previous run's outputs moved to %s", dest)
-        return False
-    if saved.is_file():
-        diffs = config_differences(saved.read_text(), run)
+        return None
+    if os.path.lexists(saved):
+        diffs = config_differences(read_config_file(saved), run)
         if diffs:
             raise UserError(
                 f"{saved}: this run folder holds another run's config ({'; '.join(diffs[:3])}"
                 f"{'; ...' if len(diffs) > 3 else ''}); use a new folder (another run_name or "
                 "hydra.run.dir=...) or train.resume=false to start over here"
             )
-    return latest_step_dir(run_dir) is not None
+    return resume_step_dir(run_dir)
 
 
 def _on_rank0_then_share(dist: DistInfo, fn) -> Any:
@@ -168,6 +157,7 @@ def _client_state(run: RunConfig, step: int, plan, conditions: dict[str, str]) -
 def finetune_this_rank(run: RunConfig) -> dict:
     """Everything one rank does (torchrun, submitit/Slurm task, or a local child process)."""
     from evo2_hydra import data as data_api
+    from evo2_hydra.checkpoint.integrity import verify_step_dir
     from evo2_hydra.checkpoint.layout import locate_checkpoint
     from evo2_hydra.checkpoint.loader import load_module_state_dict
     from evo2_hydra.checkpoint.prepare import prepare_shared_base_checkpoint
@@ -181,26 +171,35 @@ def finetune_this_rank(run: RunConfig) -> dict:
     train, context = run.train, run.ckpt.context
     run_dir = Path(run.output_dir)
     stop = StopFlag()
-    with stop.installed():  # from the very start: a SIGTERM during setup still ends cleanly
+    # from the very start: a SIGTERM/SIGINT during setup still ends cleanly; the run folder's
+    # lock (rank 0) is held until the end, so a second run into this folder stops at once
+    with stop.installed(), contextlib.ExitStack() as held:
         dist = setup_distributed(run.cluster)
         plan = batch_plan(dist.world_size, train.micro_batch_size, train.grad_accum_steps)
 
         def prepare():
-            resume = check_run_folder(run_dir, run)
+            check_inputs(run)  # cheap: before the folder is judged or locked
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive_lock(run_dir / LOCK_NAME, f"run folder {run_dir}"))
+            resume_step = check_run_folder(run_dir, run)
+            resume = resume_step is not None
             if not resume and run.ckpt.path is not None:
                 locate_checkpoint(run.ckpt.path)  # a missing checkpoint fails before data prep
-            run_dir.mkdir(parents=True, exist_ok=True)
             prepared = data_api.prepare_data(run.data, context, run.data.cache_dir)
             base = (
                 None
                 if resume
                 else prepare_shared_base_checkpoint(run.ckpt, run.model, run.paths.cache_dir)
             )
+            if base is not None:
+                # DeepSpeed unpickles with weights_only=False: verify the cached copy first
+                verify_step_dir(locate_checkpoint(base).step_dir)
             if not resume:
                 write_text_atomic(run_dir / RUN_CONFIG, config_yaml(run))
-            return resume, prepared, base
+            return resume_step, prepared, base
 
-        resume, prepared, base = _on_rank0_then_share(dist, prepare)
+        resume_step, prepared, base = _on_rank0_then_share(dist, prepare)
+        resume = resume_step is not None
         conditions = dict(prepared.condition_tokens)
 
         # Model: same seed on every rank (identical fresh weights where no checkpoint covers them).
@@ -225,10 +224,9 @@ def finetune_this_rank(run: RunConfig) -> dict:
 
         start_step, last_saved = 0, None
         if resume:
-            step_dir = saving.latest_step_dir(run_dir)
-            client = saving.load_training_checkpoint(engine, step_dir, dist.rank)
+            client = saving.load_training_checkpoint(engine, resume_step, dist.rank)
             start_step = last_saved = int(client["iteration"])
-            log.info("resuming from %s (step %d of %d)", step_dir, start_step, train.steps)
+            log.info("resuming from %s (step %d of %d)", resume_step, start_step, train.steps)
         else:
             _seed_everything(run.seed + dist.rank)  # per-rank streams of randomness from here on
             if base is not None and not zero3:
@@ -277,16 +275,27 @@ def finetune_this_rank(run: RunConfig) -> dict:
         yaml_text = config_yaml(run)
 
         def save(step: int) -> None:
-            saving.save_training_checkpoint(
-                engine,
-                run_dir,
-                step,
-                rank=dist.rank,
-                client_state=_client_state(run, step, plan, conditions),
-                config_yaml=yaml_text,
-                conditions=conditions,
-                keep_last=train.keep_last,
-            )
+            try:
+                saving.save_training_checkpoint(
+                    engine,
+                    run_dir,
+                    step,
+                    rank=dist.rank,
+                    client_state=_client_state(run, step, plan, conditions),
+                    config_yaml=yaml_text,
+                    conditions=conditions,
+                    keep_last=train.keep_last,
+                )
+            except (OSError, RuntimeError) as err:
+                translated = checkpoint_save_error(run_dir, step, err)
+                if translated is err:
+                    raise
+                if dist.is_main:  # free the room the partial save took; `latest` is untouched
+                    shutil.rmtree(
+                        saving.checkpoint_dir(run_dir) / saving.STAGING / saving.step_tag(step),
+                        ignore_errors=True,
+                    )
+                raise translated from err
 
         settings = LoopSettings(
             total_steps=train.steps,
@@ -314,38 +323,122 @@ def finetune_this_rank(run: RunConfig) -> dict:
             )
         finally:
             metrics.close()
-    plot = plot_losses(run_dir) if dist.is_main else None
-    summary = {
-        "run_dir": str(run_dir),
-        "world_size": dist.world_size,
-        "start_step": start_step,
-        "last_step": result.last_step,
-        "last_saved_step": result.last_saved_step,
-        "stopped_by": result.stopped_by,
-        "losses": result.losses,
-        "valid_losses": result.valid_losses,
-        "plot": str(plot) if plot else None,
-    }
-    if dist.is_main:
-        _log_summary(summary)
-    return summary
+        plot = plot_losses(run_dir) if dist.is_main else None
+        summary = {
+            "run_dir": str(run_dir),
+            "world_size": dist.world_size,
+            "start_step": start_step,
+            "last_step": result.last_step,
+            "last_saved_step": result.last_saved_step,
+            "stopped_by": result.stopped_by,
+            "losses": result.losses,
+            "valid_losses": result.valid_losses,
+            "plot": str(plot) if plot else None,
+        }
+        if dist.is_main:
+            _log_summary(run, summary)
+        return summary
 
 
-def _log_summary(summary: dict) -> None:
+def check_inputs(run: RunConfig) -> None:
+    """The cheap checks of the training inputs (the files exist), before the run folder is
+    judged: a typo in data.input is reported as such, not as a folder conflict."""
+    from evo2_hydra.config import DataConfig
+    from evo2_hydra.data.indexed import is_indexed_prefix
+    from evo2_hydra.data.preprocess import is_sequence_file
+
+    for key in ("input", "valid_input", "test_input"):
+        for path in DataConfig.as_list(getattr(run.data, key)):
+            if is_sequence_file(path) and not Path(path).is_file():
+                raise UserError(f"data.{key}: {path} does not exist")
+            if not is_sequence_file(path) and not is_indexed_prefix(path):
+                raise UserError(
+                    f"data.{key}: {path} is neither a sequence file (.jsonl[.gz], "
+                    f".fa/.fasta/.fna[.gz]) nor a BIN/IDX prefix (expected {path}.bin and {path}.idx)"
+                )
+
+
+def checkpoint_save_error(run_dir: Path, step: int, err: BaseException) -> BaseException:
+    """A failed checkpoint write as one line; the previous checkpoint stays `latest`.
+
+    DeepSpeed writes through torch.save, whose C++ writer reports a full disk as a RuntimeError
+    without the file or the cause (io_utils.write_failure_as_os_error). Other errors pass as
+    they are (a bug keeps its traceback).
+    """
+    from evo2_hydra.train.saving import latest_step_dir
+
+    folder = run_dir / "checkpoints"
+    os_error = write_failure_as_os_error(err, folder)
+    if os_error is None:
+        return err
+    where = os_error.filename if os_error.filename else folder
+    previous = latest_step_dir(run_dir)
+    kept = f"{previous.name} is still the latest checkpoint" if previous else "no step was saved"
+    return UserError(
+        f"{where}: saving step {step} failed ({os_error.strerror or os_error}); {kept}"
+    )
+
+
+def _quote(path: str) -> str:
+    return shlex.quote(str(path))
+
+
+def summary_text(run: RunConfig, summary: dict) -> str:
+    """What a finished (or stopped) run prints: where everything is, what to run next."""
+    from evo2_hydra.config import DataConfig
+    from evo2_hydra.data.jsonl import is_jsonl
+    from evo2_hydra.train.metrics import METRICS_FILE, TENSORBOARD_DIR
+
+    run_dir = Path(summary["run_dir"])
+    rd = _quote(run_dir)
+    saved = summary["last_saved_step"]
+    lines = []
+    if summary["stopped_by"]:
+        lines.append(
+            f"stopped by {summary['stopped_by']} after step {summary['last_step']} of "
+            f"{run.train.steps}; continue with: python launch.py resume={rd}"
+        )
+    else:
+        lines.append(f"finished {summary['last_step']} steps in {run_dir}")
     valid = summary["valid_losses"]
     if valid:
         first, last = min(valid), max(valid)
-        log.info(
-            "valid loss %.4f (step %d) -> %.4f (step %d)", valid[first], first, valid[last], last
-        )
-    if summary["stopped_by"]:
-        log.warning(
-            "stopped by %s at step %d; run again to continue",
-            summary["stopped_by"],
-            summary["last_step"],
-        )
-    else:
-        log.info("finished %d steps; outputs in %s", summary["last_step"], summary["run_dir"])
+        change = f" -> {valid[last]:.4f} (step {last})" if last != first else ""
+        lines.append(f"  valid loss   {valid[first]:.4f} (step {first}){change}")
+    ckpt = run_dir / "checkpoints" / f"global_step{saved}" if saved is not None else None
+    lines.append(f"  checkpoint   {ckpt if ckpt else 'none saved'}")
+    lines.append(
+        f"  metrics      {run_dir / METRICS_FILE}  (tensorboard --logdir {run_dir / TENSORBOARD_DIR})"
+    )
+    if summary["plot"]:
+        lines.append(f"  loss plot    {summary['plot']}")
+    folder = os.environ.get("SUBMITIT_FOLDER")
+    lines.append(
+        f"  logs         {folder if folder else 'this console (nothing written to files)'}"
+    )
+    if ckpt is None:
+        return "\n".join(lines)
+    model = f"model={run.model.name} ckpt.context={run.ckpt.context}"
+    jsonl = [
+        p
+        for p in DataConfig.as_list(run.data.valid_input) + DataConfig.as_list(run.data.input)
+        if is_jsonl(p)
+    ]
+    seqs = _quote(jsonl[0]) if jsonl else "SEQUENCES.jsonl"
+    condition = next(iter(run.data.condition.tokens), None)
+    cond = f" generate.condition={condition}" if condition else ""
+    lines += [
+        "next:",
+        f"  python convert.py target=vortex source={rd}",
+        f"  python launch.py task=generate {model} ckpt.path={rd}{cond} generate.n=4",
+        f"  python launch.py task=score {model} ckpt.path={rd} score.input={seqs}",
+    ]
+    return "\n".join(lines)
+
+
+def _log_summary(run: RunConfig, summary: dict) -> None:
+    # printed, not logged: a block without log prefixes, its commands ready to copy
+    print(summary_text(run, summary), flush=True)
 
 
 def _needs_local_spawn(run: RunConfig) -> bool:
@@ -359,11 +452,80 @@ def _needs_local_spawn(run: RunConfig) -> bool:
 
 def run_finetune(run: RunConfig) -> dict:
     """Task entry (cli.TASKS[finetune]): check the memory plan, then train on this rank or ranks."""
+    from evo2_hydra.io_utils import remove_stale_temporaries
     from evo2_hydra.train.memory import check_fits
+    from evo2_hydra.train.saving import checkpoint_dir
 
     check_fits(run)
+    # leftovers of a killed save or prune (`.tmp-global_stepN.*`, `.old-global_stepN.*`)
+    remove_stale_temporaries(checkpoint_dir(Path(run.output_dir)))
     if _needs_local_spawn(run):
         from evo2_hydra.train.local_launch import spawn_local_ranks
 
         return spawn_local_ranks(run.cluster.tasks, finetune_this_rank, run)
     return finetune_this_rank(run)
+
+
+# ---- resume=RUN_DIR ---------------------------------------------------------------------------
+
+
+def _command_line_overrides(texts: list[str] | None = None) -> list[tuple[str, str]]:
+    """(key, text) of each override on the command line (Hydra's record of them)."""
+    if texts is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            texts = list(HydraConfig.get().overrides.task)
+        except Exception:  # not under Hydra (a direct call from a test): nothing to check
+            return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(texts)
+    return [(o.key_or_group, text) for o, text in zip(parsed, texts)]
+
+
+def resumed_config(cfg, overrides: list[str] | None = None):
+    """`resume=RUN_DIR`: the run's saved config.yaml plus the command line's overrides of what
+    may change on resume (run_identity); any other override is refused in one line.
+
+    `overrides`: the command line's overrides (default: Hydra's record of them).
+    """
+    from omegaconf import DictConfig
+
+    from evo2_hydra.checkpoint.run_dir import read_config_file
+    from evo2_hydra.run_identity import may_change_on_resume
+
+    run_dir = Path(str(cfg.resume)).expanduser()
+    saved = run_dir / RUN_CONFIG
+    if not saved.is_file():
+        raise UserError(f"resume={run_dir}: no {RUN_CONFIG} there; expected a run folder")
+    if str(cfg.task) not in ("finetune", "Task.finetune"):
+        raise UserError(f"resume={run_dir} continues a finetune; task={cfg.task} cannot resume")
+    overrides = _command_line_overrides(overrides)
+    refused = [text for key, text in overrides if not may_change_on_resume(key)]
+    if refused:
+        raise UserError(
+            f"resume={run_dir}: {', '.join(refused)} cannot change when a run continues (its "
+            "saved config defines it); allowed: train.steps, train.save_every, train.keep_last, "
+            "train.eval_every, train.eval_steps, train.log_every, cluster.*; start a new run instead"
+        )
+    tree = read_config_file(saved)  # size-limited, aliases refused (checkpoint/run_dir.py)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged: DictConfig = OmegaConf.merge(OmegaConf.structured(RunConfig), tree)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{saved}: {str(err).splitlines()[0]}") from None
+    for key, _text in overrides:
+        key = key.lstrip("+~")
+        if key in ("resume", "task") or key.startswith(("hydra.", "hydra/")):
+            continue
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
+    merged.output_dir = str(run_dir)
+    merged.resume = str(run_dir)
+    log.info(
+        "resume=%s: continuing with its saved config%s",
+        run_dir,
+        f" and {', '.join(t for k, t in overrides if k != 'resume')}" if len(overrides) > 1 else "",
+    )
+    return merged

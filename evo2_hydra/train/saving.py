@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from evo2_hydra.checkpoint.layout import LATEST, RUN_CHECKPOINT_SUBDIR, read_latest
+from evo2_hydra.checkpoint.layout import RUN_CHECKPOINT_SUBDIR
+from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import write_text_atomic
 
@@ -110,16 +111,24 @@ def save_training_checkpoint(
 # ---- resuming -------------------------------------------------------------------------------
 
 
-def latest_step_dir(run_dir: Path) -> Path | None:
-    """The committed step folder `checkpoints/latest` names, or None for a fresh run folder."""
-    save_dir = checkpoint_dir(run_dir)
-    if not (save_dir / LATEST).is_file():
-        return None
-    return read_latest(save_dir)
+def resume_step_dir(run_dir: Path) -> Path | None:
+    """The verified step folder a run continues from, or None for a run folder without checkpoints.
+
+    `checkpoints/latest` when it names an intact step, else the newest intact one (a warning
+    says why); refuses (one line) when steps exist but none is intact, and stops at a file that
+    would run code. See checkpoint/integrity.py. Call it on rank 0 before DeepSpeed loads anything.
+    """
+    from evo2_hydra.checkpoint.integrity import resume_step_dir as verified_resume_step
+
+    return verified_resume_step(checkpoint_dir(run_dir))
 
 
 def load_training_checkpoint(engine, step_dir: Path, rank: int) -> dict:
-    """Model, optimizer, LR schedule and this rank's RNG from `step_dir`; returns the client state."""
+    """Model, optimizer, LR schedule and this rank's RNG from `step_dir`; returns the client state.
+
+    `step_dir` must come from `resume_step_dir` (verified: DeepSpeed unpickles its files with
+    `weights_only=False`, so nothing unverified may reach it).
+    """
     load_path, client_state = engine.load_checkpoint(
         str(step_dir.parent),
         tag=step_dir.name,
@@ -134,5 +143,5 @@ def load_training_checkpoint(engine, step_dir: Path, rank: int) -> dict:
             f"{rng_file}: missing; this checkpoint was saved with another number of processes "
             "(resume with the same cluster.tasks / world size)"
         )
-    restore_rng(torch.load(rng_file, weights_only=True))
+    restore_rng(safe_load(rng_file, mmap=False))
     return client_state

@@ -7,20 +7,16 @@ the object tree last, with light references in place of tensors. The file is byt
 layout `torch.save` writes (zip records `data/<key>`, `data.pkl`, `byteorder`, 64-byte aligned
 storages), so `torch.load(..., weights_only=True, mmap=True)` reads it like any other.
 
-Also here: `conversion_progress` (one tqdm bar per conversion, in bytes) and `write_manifest`.
+Also here: `conversion_progress` (one tqdm bar per conversion, in bytes).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
-import json
 import pickle
 import sys
-import time
 import weakref
-from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,8 +25,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from evo2_hydra.checkpoint.writer import tensor_crc32
-from evo2_hydra.convert.bulk_io import BulkFile
+from evo2_hydra.checkpoint.bulk_io import BulkFile
+from evo2_hydra.checkpoint.mapped import tensor_crc32
 
 # dtype -> the legacy typed-storage class torch.save records (what torch.load maps back to a dtype).
 _STORAGE_TYPES = {
@@ -269,54 +265,3 @@ def conversion_progress(total: int, desc: str, unit: str = "B") -> tqdm:
 
 def tensor_nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _file_digest(path: Path) -> str:
-    """blake2b of the file: reading is what costs, and it is page-cache hot right after writing."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != "manifest.json":
-            yield path
-
-
-def write_manifest(
-    out_dir: Path,
-    *,
-    source: str,
-    target: str,
-    tensors: Mapping[str, tuple],
-    extra: Mapping[str, Any] | None = None,
-    digest: bool = False,
-) -> Path:
-    """`manifest.json`: what was converted from where, every file, every tensor.
-
-    `tensors`: key -> (shape, dtype) or (shape, dtype, crc32). `digest` adds a blake2b per file
-    (a second read of everything; off by default, the per-tensor CRC32s already cover the data).
-    """
-    files = {}
-    for path in iter_files(out_dir):
-        entry: dict[str, Any] = {"bytes": path.stat().st_size}
-        if digest:
-            entry["blake2b"] = _file_digest(path)
-        files[str(path.relative_to(out_dir))] = entry
-    manifest = {
-        "source": source,
-        "target": target,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": files,
-        "tensors": {
-            k: {"shape": list(v[0]), "dtype": v[1], **({"crc32": v[2]} if len(v) > 2 else {})}
-            for k, v in tensors.items()
-        },
-        **(dict(extra) if extra else {}),
-    }
-    path = out_dir / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
-    return path
