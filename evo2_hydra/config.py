@@ -111,6 +111,17 @@ class NemoFormat(str, Enum):
     zarr = "zarr"
 
 
+class PeftMethod(str, Enum):
+    none = "none"  # full finetune: every parameter trains
+    lora = "lora"  # low-rank adapters through `peft`; the base stays frozen
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"  # ZeRO-Offload: optimizer states (and the fp32 master) in CPU memory
+    optimizer_and_params = "optimizer_and_params"  # ZeRO-Infinity to CPU (needs zero_stage=3)
+
+
 class CastDtype(str, Enum):
     keep = "keep"
     bfloat16 = "bfloat16"
@@ -311,10 +322,21 @@ class TrainConfig:
     eval_steps: int = 10  # validation micro-batches per evaluation
     log_every: int = 1
     resume: bool = True  # continue from the latest checkpoint in the output folder
+    # Move optimizer states (ZeRO-1/2/3) or also the parameters (ZeRO-3) to CPU memory.
+    offload: Offload = Offload.none
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.offload != Offload.none and self.zero_stage == 0:
+            raise ConfigError(
+                f"train.offload={self.offload.value} needs ZeRO (train.zero_stage=1, 2 or 3)"
+            )
+        if self.offload == Offload.optimizer_and_params and self.zero_stage != 3:
+            raise ConfigError(
+                "train.offload=optimizer_and_params offloads partitioned parameters: it needs "
+                f"train.zero_stage=3 (got {self.zero_stage}); use train.offload=optimizer"
+            )
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "save_every", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: must be positive")
@@ -322,6 +344,48 @@ class TrainConfig:
             raise ConfigError(f"train.warmup={self.warmup}: expected a fraction in [0, 1)")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter-efficient finetuning
+
+
+DEFAULT_LORA_TARGETS = [
+    "mixer.dense_projection",  # hyena/attention input projection (BioNeMo: dense_projection)
+    "mixer.dense",  # mixer output projection (BioNeMo CLI default includes it)
+    "mlp.w1",
+    "mlp.w2",
+    "mlp.w3",
+]
+
+
+@dataclass
+class PeftConfig:
+    """`peft=none` (default) or `peft=lora` (conf/peft/); BioNeMo's Evo 2 LoRA defaults."""
+
+    method: PeftMethod = PeftMethod.none
+    rank: int = 16  # LoRA r
+    alpha: float = 32.0  # scale alpha / r
+    dropout: float = 0.1  # dropout on the adapter input
+    # Module-name patterns: a name ending in the pattern (`mlp.w1`) or an fnmatch pattern on the
+    # full name (`sequential.2.*.dense`). Only nn.Linear modules can be adapted.
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        if self.method == PeftMethod.none:
+            return
+        if self.rank <= 0:
+            raise ConfigError(f"peft.rank={self.rank}: must be a positive number")
+        if self.alpha <= 0:
+            raise ConfigError(f"peft.alpha={self.alpha}: must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout={self.dropout}: expected a probability in [0, 1)")
+        if not self.targets:
+            raise ConfigError("peft.targets is empty: name at least one module pattern")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != PeftMethod.none
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,6 +535,7 @@ class RunConfig:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -546,6 +611,7 @@ def register_configs() -> None:
     cs.store(group="ckpt", name="base_ckpt", node=CkptConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
+    cs.store(group="peft", name="base_peft", node=PeftConfig)
     cs.store(group="target", name="base_target", node=TargetConfig)
     from evo2_hydra.cluster.launcher import register_launcher  # hydra/launcher: evo2_slurm
 

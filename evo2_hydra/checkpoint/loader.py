@@ -17,6 +17,7 @@ from evo2_hydra.checkpoint.layout import CheckpointLocation, locate_checkpoint
 from evo2_hydra.checkpoint.mp import merge_mp
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.errors import UserError
+from evo2_hydra.peft.merge import LORA_RECORD, lora_module, read_lora_record
 
 VORTEX_IMPORTER = ("evo2_hydra.convert.vortex", "import_vortex_state_dict")
 ZERO3_GATHERER = ("evo2_hydra.convert.zero3", "gather_zero3_module")
@@ -80,11 +81,19 @@ def load_shards(
                 "model-parallel files first with convert.py target=savanna (ZeRO-3 support: evo2_hydra.convert.zero3)"
             )
         modules = gather(location, trust_pickle=trust_pickle)
-        return [{"module": m, "iteration": location.iteration} for m in modules]
-    return [
-        normalize_top_level(safe_load(f, trust_pickle=trust_pickle), f)
-        for f in location.model_files
-    ]
+        tops = [{"module": m, "iteration": location.iteration} for m in modules]
+        record = read_lora_record(location)
+        if record is not None:
+            tops = [{**t, LORA_RECORD: record} for t in tops]
+    else:
+        tops = [
+            normalize_top_level(safe_load(f, trust_pickle=trust_pickle), f)
+            for f in location.model_files
+        ]
+    if LORA_RECORD in tops[0]:  # adapters only: merge them into the base they name
+        where = location.describe()
+        return [lora_module(t, where, trust_pickle=trust_pickle) for t in tops]
+    return tops
 
 
 def shard_shapes(shards: list[dict[str, Any]]) -> list[dict[str, tuple[int, ...]]]:
