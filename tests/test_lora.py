@@ -21,7 +21,7 @@ from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.config import ConfigError, PeftConfig, PeftMethod
 from evo2_hydra.errors import UserError
 from evo2_hydra.model import build_model, load_into_model
-from evo2_hydra.peft.lora import add_lora, adapter_state, is_adapter_key, resolve_targets
+from evo2_hydra.peft.lora import adapter_state, add_lora, is_adapter_key, resolve_targets
 from evo2_hydra.peft.merge import LORA_RECORD, base_content_hash, merge_lora
 from evo2_hydra.train.run import run_finetune
 from tests.ckpt_factory import make_random_savanna_checkpoint
