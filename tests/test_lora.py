@@ -314,3 +314,48 @@ def test_merge_lora_is_w_plus_scaled_ba():
     assert adapter_state({"x.lora_A.default.weight": a, "x.weight": a}) == {
         "x.lora_A.default.weight": a
     }
+
+
+# ---- LoRA learns (shipped base and example data) --------------------------------------------
+
+
+@pytest.mark.slow
+def test_lora_learns_and_follows_the_condition_token(tmp_path, compose_cfg):
+    """On the shipped conditioned example data, LoRA from the shipped base lowers validation loss
+    by at least half of what a full finetune of the same steps does, and generation from the LoRA
+    run follows the class token (class A is GC-rich, class B AT-rich)."""
+    from evo2_hydra.generate import run_generate
+    from tests.conftest import to_obj
+    from tests.test_generate_finetune import gc_fraction
+
+    common = (
+        "ckpt.context=96", "data.truncate=true", "train.micro_batch_size=8", "train.steps=10",
+        "train.eval_every=10", "train.eval_steps=4", "train.save_every=10", "train.warmup=0.1",
+        "train.zero_stage=0", f"data.cache_dir={tmp_path / 'data'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    full = run_finetune(compose_run(tmp_path / "full", *common))
+    lora_out = tmp_path / "lora"
+    lora = run_finetune(
+        compose_run(lora_out, *common, "peft=lora", "train.lr=1e-2", "train.min_lr=1e-3")
+    )
+    drop_full = full["valid_losses"][0] - full["valid_losses"][10]
+    drop_lora = lora["valid_losses"][0] - lora["valid_losses"][10]
+    print(f"valid loss drop: full {full['valid_losses']} ({drop_full:.3f}), "
+          f"LoRA {lora['valid_losses']} ({drop_lora:.3f})")  # fmt: skip
+    assert drop_full > 0 and drop_lora >= 0.5 * drop_full
+
+    fractions = {}
+    for clade in "AB":
+        cfg = compose_cfg(
+            [
+                "task=generate", f"ckpt.path={lora_out}", f"generate.condition={clade}",
+                "generate.n=8", "generate.length=40", "generate.temperature=0.7",
+                f"generate.output={tmp_path / ('gen_' + clade)}",
+            ]
+        )  # fmt: skip
+        out = run_generate(to_obj(cfg))
+        rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+        fractions[clade] = gc_fraction([r["text"] for r in rows])
+    print("GC fractions after LoRA", fractions)
+    assert fractions["A"] - fractions["B"] > 0.2, fractions

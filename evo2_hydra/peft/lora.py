@@ -17,6 +17,7 @@ import fnmatch
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from evo2_hydra.config import PeftConfig
@@ -105,7 +106,19 @@ def add_lora(model: nn.Module, peft: PeftConfig) -> list[str]:
     inject_adapter_in_model(lora_config(peft, targets), model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
         param.requires_grad = is_adapter_key("." + name)
+    embedding = getattr(model, "sequential", [None])[0]
+    if embedding is not None:
+        # The frozen embedding's output does not require grad, so neither do the first block's
+        # inputs: activation checkpointing would then not recompute-with-grad that block, and
+        # ZeRO-3's backward hooks (which ride on tensors that require grad) would not re-gather
+        # the adapters' partitions. peft/transformers' `enable_input_require_grads` does the same.
+        embedding.register_forward_hook(_output_requires_grad)
     return targets
+
+
+def _output_requires_grad(module, inputs, output):
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
 
 
 def adapter_state(state: Mapping[str, Any]) -> dict[str, Any]:

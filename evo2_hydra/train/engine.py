@@ -96,18 +96,23 @@ def prepare_for_zero3(model: nn.Module) -> None:
     """Make ZeRO-3 gather every parameter a forward actually touches.
 
     ZeRO-3 gathers a module's *direct* parameters when that module's forward runs. Our Hyena
-    filters and short convs are parameter holders read by their parent operator (their own
-    forward never runs), and the output layer reads the tied embedding outside the embedding
-    module. So: each mixer is a ZeRO-3 leaf (gathers all its parameters at once, as savanna's
-    optional leaf modules did), and the tied weight is registered as an external parameter of
-    the root module.
+    filters and short convs are parameter holders read by their parent (their own forward never
+    runs), and the output layer reads the tied embedding outside the embedding module. So: each
+    Hyena operator is a ZeRO-3 leaf (gathers its filter parameters at once, as savanna's optional
+    leaf modules did), the featurizer short conv is an external parameter of its mixer, and the
+    tied weight an external parameter of the root module. The projections stay ordinary modules
+    with their own hooks, which LoRA adapters inside them need: with whole mixers as leaves,
+    backward did not re-gather the adapters of `mixer.dense` (size-0 partition in the matmul).
     """
     from deepspeed.runtime.zero import register_external_parameter
     from deepspeed.utils import set_z3_leaf_modules
 
-    from evo2_hydra.model.layers import AttentionMixer, HyenaMixer
+    from evo2_hydra.model.layers import HclOperator, HcmOperator, HcsOperator, HyenaMixer
 
-    set_z3_leaf_modules(model, [HyenaMixer, AttentionMixer])
+    set_z3_leaf_modules(model, [HcsOperator, HcmOperator, HclOperator])
+    for module in model.modules():
+        if isinstance(module, HyenaMixer):
+            register_external_parameter(module, module.hyena_proj_conv.short_conv_weight)
     register_external_parameter(model, model.embedding.weight)
 
 
