@@ -3,8 +3,12 @@
 Model states per parameter (the ZeRO paper's accounting, N = data-parallel ranks):
 
   precision  weights  grads  optimizer (Adam)                       stage 0  1          2              3
-  bf16       2        2      12 (fp32 master 4 + exp_avg 4 + sq 4)  16       4 + 12/N   2 + 14/N       16/N
+  bf16       2        2      12 (fp32 master 4 + exp_avg 4 + sq 4)  20 (*)   4 + 12/N   2 + 14/N       16/N
   fp32       4        4      8  (exp_avg 4 + exp_avg_sq 4)          16       8 + 8/N    4 + 12/N       16/N
+
+(*) DeepSpeed's bf16 path without ZeRO (FP16_Optimizer over bf16) also holds a flat fp32 copy of
+the gradients: 4 more bytes. Weights and optimizer bytes per stage are checked against a real
+engine in tests/test_plan_fit.py.
 
 LoRA (`peft=lora`): the frozen base holds weights only (2 bytes bf16 / 4 fp32, split over N at
 ZeRO-3); the adapters (r x (in + out) per adapted linear) carry weights, grads and optimizer state
@@ -166,6 +170,8 @@ def model_state_bytes_per_param(
 ) -> tuple[float, float, float]:
     """(weights, grads, optimizer) bytes per parameter on one rank (table in the module docstring)."""
     w, g, o = (2.0, 2.0, 12.0) if precision == Precision.bf16 else (4.0, 4.0, 8.0)
+    if zero_stage == 0 and precision == Precision.bf16:
+        g += 4.0  # DeepSpeed's bf16 wrapper without ZeRO keeps a flat fp32 gradient copy
     if zero_stage >= 1:
         o /= dp
     if zero_stage >= 2:
