@@ -79,8 +79,9 @@ def test_plan_recommends_what_fits_and_the_refusal_names_it(compose_cfg):
     assert check_fits(fixed).fits
     # a 24 GB card: 7B full does not fit anywhere; LoRA does, and is recommended
     small = to_obj(
-        compose_cfg(["model=evo2_7b", "ckpt.context=8192", "cluster.gpu_memory_gb=24",
-                     "cluster.mem_gb=64"])  # fmt: skip
+        compose_cfg(
+            ["model=evo2_7b", "ckpt.context=8192", "cluster.gpu_memory_gb=24", "cluster.mem_gb=64"]
+        )  # fmt: skip
     )
     pick = recommend(small)
     assert pick is not None and pick.lora
@@ -90,7 +91,10 @@ def test_offload_beyond_host_memory_is_refused(compose_cfg):
     args = ["model=evo2_40b", "ckpt.context=8192", "cluster=slurm", "cluster.partition=gpu"]
     args += ["cluster.gpus_per_node=8", "cluster.mem_gb=256", "train.zero_stage=3"]
     args += ["train.offload=optimizer"]
-    with pytest.raises(UserError, match=r"train.offload=optimizer puts \d+\.\d GiB in CPU memory per node but the node has 256.0 GiB"):
+    with pytest.raises(
+        UserError,
+        match=r"train.offload=optimizer puts \d+\.\d GiB in CPU memory per node but the node has 256.0 GiB",
+    ):
         check_fits(to_obj(compose_cfg(args)))
 
 
@@ -171,3 +175,22 @@ def test_model_states_match_a_real_engine(compose_cfg, stage, lora):
     assert measured["trainable"] == est.trainable
     assert measured["weights"] == round(est.weights_gb * GIB)
     assert measured["optimizer"] == round(est.optimizer_gb * GIB)
+
+
+def test_bench_train_tiny_runs():
+    """benchmarks/bench_train.py's CPU configuration: four set-ups, FLOPs counted, LoRA smaller."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks/bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--tiny", "--steps", "1", "--warmup", "1"])
+    assert len(results) == 4
+    assert all(r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 for r in results)
+    full = next(r for r in results if not r["lora"] and not r["checkpointing"])
+    recompute = next(r for r in results if not r["lora"] and r["checkpointing"])
+    lora = next(r for r in results if r["lora"] and not r["checkpointing"])
+    assert recompute["flops_per_step"] > full["flops_per_step"]  # the recomputed forward counts
+    assert lora["trainable"] < full["trainable"]
