@@ -30,6 +30,7 @@ from evo2_hydra.config import (
     DataConfig,
     ModelConfig,
     NemoTargetConfig,
+    PeftConfig,
     RunConfig,
     SavannaTargetConfig,
     Task,
@@ -100,6 +101,7 @@ def register_configs() -> None:
     cs.store(group="ckpt", name="base_ckpt", node=CkptConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
+    cs.store(group="peft", name="base_peft", node=PeftConfig)
     cs.store(group="target", name="base_vortex", node=VortexTargetConfig)
     cs.store(group="target", name="base_nemo", node=NemoTargetConfig)
     cs.store(group="target", name="base_savanna", node=SavannaTargetConfig)

@@ -228,6 +228,17 @@ class NemoFormat(str, Enum):
     zarr = "zarr"
 
 
+class PeftMethod(str, Enum):
+    none = "none"  # full finetune: every parameter trains
+    lora = "lora"  # low-rank adapters through `peft`; the base stays frozen
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"  # ZeRO-Offload: optimizer states (and the fp32 master) in CPU memory
+    optimizer_and_params = "optimizer_and_params"  # ZeRO-Infinity to CPU (needs zero_stage=3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 
@@ -554,6 +565,8 @@ class TrainConfig:
     """Steps between console/metrics log lines."""
     resume: bool = True
     """Continue from the latest checkpoint in the run folder."""
+    offload: Offload = Offload.none
+    """Move optimizer states (ZeRO-1/2/3: optimizer) or also the parameters (ZeRO-3: optimizer_and_params) to CPU memory."""
 
     def __post_init__(self) -> None:
         check_numbers(self, "train")
@@ -564,6 +577,15 @@ class TrainConfig:
             "eval_every", "eval_steps", "log_every", "keep_last", "lr_decay_steps", "adam_eps",
         )  # fmt: skip
         check_non_negative(self, "train", "lr", "min_lr", "weight_decay", "grad_clip")
+        if self.offload != Offload.none and self.zero_stage == 0:
+            raise ConfigError(
+                f"train.offload={self.offload.value} needs ZeRO (train.zero_stage=1, 2 or 3)"
+            )
+        if self.offload == Offload.optimizer_and_params and self.zero_stage != 3:
+            raise ConfigError(
+                "train.offload=optimizer_and_params offloads partitioned parameters: it needs "
+                f"train.zero_stage=3 (got {self.zero_stage}); use train.offload=optimizer"
+            )
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"train.warmup={self.warmup}: expected a fraction in [0, 1)")
         for key in ("adam_beta1", "adam_beta2"):
@@ -571,6 +593,51 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: expected a value in [0, 1)")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter-efficient finetuning
+
+
+DEFAULT_LORA_TARGETS = [
+    "mixer.dense_projection",  # hyena/attention input projection (BioNeMo: dense_projection)
+    "mixer.dense",  # mixer output projection (BioNeMo CLI default includes it)
+    "mlp.w1",
+    "mlp.w2",
+    "mlp.w3",
+]
+
+
+@dataclass
+class PeftConfig:
+    """`peft=none` (default) or `peft=lora` (conf/peft/); BioNeMo's Evo 2 LoRA defaults."""
+
+    method: PeftMethod = PeftMethod.none
+    """none (full finetune) or lora (adapters through `peft`; the base stays frozen)."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA scale numerator: adapters are scaled by alpha / rank."""
+    dropout: float = 0.1
+    """Dropout on the adapter input, in [0, 1)."""
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """Module-name patterns: a name ending in the pattern (`mlp.w1`) or an fnmatch pattern on the full name (`sequential.2.*.dense`); only nn.Linear modules can be adapted."""
+
+    def __post_init__(self) -> None:
+        if self.method == PeftMethod.none:
+            return
+        if self.rank <= 0:
+            raise ConfigError(f"peft.rank={self.rank}: must be a positive number")
+        if self.alpha <= 0:
+            raise ConfigError(f"peft.alpha={self.alpha}: must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout={self.dropout}: expected a probability in [0, 1)")
+        if not self.targets:
+            raise ConfigError("peft.targets is empty: name at least one module pattern")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != PeftMethod.none
 
 
 # ----------------------------------------------------------------------------------------------
@@ -850,6 +917,8 @@ class RunConfig:
     """Training data (group `data`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimizer, schedule, engine, cadences."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Parameter-efficient finetuning (group `peft`: none or lora)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Where it runs (group `cluster`)."""
     plan: PlanConfig = field(default_factory=PlanConfig)

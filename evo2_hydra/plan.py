@@ -19,7 +19,13 @@ import torch
 
 from evo2_hydra.config import Dtype, ModelConfig, OutputFormat, RunConfig
 from evo2_hydra.model import build_model
-from evo2_hydra.train.memory import run_memory_estimate
+from evo2_hydra.train.memory import (
+    _shape,
+    candidates,
+    recommend,
+    run_memory_estimate,
+    short_table,
+)
 
 
 @dataclass
@@ -94,27 +100,83 @@ def _model_builder(run: RunConfig) -> PlanSection:
 
 
 def memory_section(run: RunConfig) -> PlanSection:
-    """task=plan section: the estimate for this run's ZeRO stage, world size, batch and context."""
+    """task=plan section: this run's estimate, the candidate table and the recommendation."""
     est = run_memory_estimate(run)
     t = run.train
     verdict = "fits" if est.fits else "does NOT fit (launch.py refuses it unless plan.force=true)"
+    method = f"LoRA r={run.peft.rank}" if run.peft.enabled else "full finetune"
     lines = [
-        f"ZeRO-{t.zero_stage}, {t.precision.value}, world size {run.cluster.world_size}, "
-        f"micro batch {t.micro_batch_size} x context {run.ckpt.context}, activation "
-        f"checkpointing {'on' if t.activation_checkpointing else 'off'}",
+        f"{method}, ZeRO-{t.zero_stage}, {t.precision.value}, {_shape(run)} (world size "
+        f"{run.cluster.world_size}), micro batch {t.micro_batch_size} x context "
+        f"{run.ckpt.context}, activation checkpointing "
+        f"{'on' if t.activation_checkpointing else 'off'}, offload {t.offload.value}",
+        f"trainable    {est.trainable:,} of {est.params:,} parameters",
         f"weights      {est.weights_gb:8.2f} GiB",
         f"gradients    {est.grads_gb:8.2f} GiB",
         f"optimizer    {est.optimizer_gb:8.2f} GiB",
+        f"gathered     {est.live_gb:8.2f} GiB (ZeRO-3 working set)",
         f"buffers      {est.buffers_gb:8.2f} GiB",
         f"activations  {est.activations_gb:8.2f} GiB",
         f"overhead     {est.overhead_gb:8.2f} GiB",
         f"total        {est.total_gb:8.2f} GiB per GPU of {est.gpu_memory_gb:g} GiB "
         f"(cluster.gpu_memory_gb): {verdict}",
     ]
+    if est.host_gb:
+        host = "unknown" if est.host_memory_gb is None else f"{est.host_memory_gb:.0f} GiB"
+        lines.append(f"offloaded    {est.host_gb:8.2f} GiB CPU memory per node of {host}")
+    cands = candidates(run)
+    best = recommend(run, cands)
+    table = short_table(run, cands)
+    if best is not None and best not in table:
+        table.append(best)
+    lines += [
+        "",
+        "candidates (per GPU; relative cost: 1.0 = full finetune, ZeRO-1, no recomputation):",
+        f"  {'method':<6} {'ZeRO':>4} {'act.ckpt':>8} {'offload':<20} {'micro':>5} "
+        f"{'GiB/GPU':>8} {'host GiB':>8} {'cost':>5}  fits",
+    ]
+    for c in table:
+        e = c.estimate
+        mark = "  <- cheapest that fits" if c is best else ""
+        lines.append(
+            f"  {'LoRA' if c.lora else 'full':<6} {c.zero_stage:>4} "
+            f"{'on' if c.checkpointing else 'off':>8} {c.offload.value:<20} {c.micro_batch:>5} "
+            f"{e.total_gb:8.1f} {e.host_gb:8.1f} {c.cost:5.2f}  "
+            f"{'yes' if e.fits else 'no'}{mark}"
+        )
+    if best is None:
+        lines.append("nothing fits: use more or larger GPUs or a shorter ckpt.context")
+    else:
+        lines.append(f"recommended: {best.overrides(run)}")
+    data = {
+        "memory": est.as_dict(),
+        "candidates": [
+            {
+                "peft": "lora" if c.lora else "none",
+                "zero_stage": c.zero_stage,
+                "activation_checkpointing": c.checkpointing,
+                "offload": c.offload.value,
+                "micro_batch_size": c.micro_batch,
+                "gpu_gb": c.estimate.total_gb,
+                "host_gb": c.estimate.host_gb,
+                "cost": c.cost,
+                "fits": c.estimate.fits,
+            }
+            for c in table
+        ],
+        "recommended": None
+        if best is None
+        else {
+            "overrides": best.overrides(run),
+            "label": best.label(),
+            "gpu_gb": best.estimate.total_gb,
+            "cost": best.cost,
+        },
+    }
     return PlanSection(
         title="memory per GPU (estimate; formulas in evo2_hydra/train/memory.py)",
         lines=lines,
-        data={"memory": est.as_dict()},
+        data=data,
     )
 
 

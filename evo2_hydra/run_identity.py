@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-IDENTITY_SECTIONS = ("model", "ckpt", "data", "train", "seed")
+IDENTITY_SECTIONS = ("model", "ckpt", "data", "train", "peft", "seed")
 # Settings that may change between a run and its continuation (schedule length, cadence, where
 # it runs); anything else differing means the folder belongs to another run.
 RESUMABLE_CHANGES = frozenset(

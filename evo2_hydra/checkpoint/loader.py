@@ -20,6 +20,7 @@ from evo2_hydra.checkpoint.run_dir import STEP_CONFIG, read_bounded
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.checkpoint.zero3 import gather_zero3_module
 from evo2_hydra.errors import UserError
+from evo2_hydra.peft.merge import LORA_RECORD, lora_module, read_lora_record
 
 VORTEX_MARKERS = ("blocks.", "embedding_layer.", "unembed.", "norm.scale")
 
@@ -69,15 +70,22 @@ def load_shards(
         modules = gather_zero3_module(location, trust_pickle=trust_pickle)
         for m in modules:
             check_module(m, location.describe(), finite=finite)
-        return [{"module": m, "iteration": location.iteration} for m in modules]
-    shards = []
-    for f in location.model_files:
-        top = normalize_top_level(safe_load(f, trust_pickle=trust_pickle), f)
-        # A vortex file converted on load has no manifest of its savanna form.
-        expected = None if IMPORTED_FROM in top else expected_tensors(f)
-        check_module(top["module"], f, expected=expected, finite=finite)
-        shards.append(top)
-    return shards
+        tops = [{"module": m, "iteration": location.iteration} for m in modules]
+        record = read_lora_record(location)
+        if record is not None:
+            tops = [{**t, LORA_RECORD: record} for t in tops]
+    else:
+        tops = []
+        for f in location.model_files:
+            top = normalize_top_level(safe_load(f, trust_pickle=trust_pickle), f)
+            # A vortex file converted on load has no manifest of its savanna form.
+            expected = None if IMPORTED_FROM in top else expected_tensors(f)
+            check_module(top["module"], f, expected=expected, finite=finite)
+            tops.append(top)
+    if LORA_RECORD in tops[0]:  # adapters only: merge them into the base they name
+        where = location.describe()
+        return [lora_module(t, where, trust_pickle=trust_pickle) for t in tops]
+    return tops
 
 
 def shard_shapes(shards: list[dict[str, Any]]) -> list[dict[str, tuple[int, ...]]]:

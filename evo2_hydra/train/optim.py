@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from evo2_hydra.config import DecayStyle, NoDecaySet, TrainConfig
+from evo2_hydra.config import DecayStyle, NoDecaySet, Offload, TrainConfig
+from evo2_hydra.errors import UserError
 from evo2_hydra.model.layers import (
     ExplicitDecayFilter,
     HcsOperator,
@@ -76,17 +77,33 @@ def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(
-    model: nn.Module, train: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """torch AdamW with savanna's betas/eps/decay; the fused kernel on GPU."""
+def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device):
+    """AdamW with savanna's betas/eps/decay: torch's (fused on GPU), or DeepSpeed's CPU Adam
+    when the optimizer states are offloaded from a GPU (the step then runs on the CPU; DeepSpeed
+    requires its own vectorised CPU optimizer there). Only trainable parameters are passed (a
+    LoRA run's frozen base gets no optimizer state)."""
+    groups = param_groups(model, train)
+    if not groups or not any(g["params"] for g in groups):
+        raise UserError("no trainable parameters: every parameter of the model is frozen")
+    betas = (train.adam_beta1, train.adam_beta2)
+    if train.offload != Offload.none and device.type == "cuda":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            groups,
+            lr=train.lr,
+            betas=betas,
+            eps=train.adam_eps,
+            weight_decay=train.weight_decay,
+            adamw_mode=True,
+        )
     return torch.optim.AdamW(
-        param_groups(model, train),
+        groups,
         lr=train.lr,
-        betas=(train.adam_beta1, train.adam_beta2),
+        betas=betas,
         eps=train.adam_eps,
         weight_decay=train.weight_decay,
-        fused=device.type == "cuda",
+        fused=device.type == "cuda" and train.offload == Offload.none,
     )
 
 

@@ -128,10 +128,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _client_state(run: RunConfig, step: int, plan, conditions: dict[str, str]) -> dict:
-    """savanna's client state (iteration, args, data_loading) plus what resuming needs."""
+def _client_state(
+    run: RunConfig, step: int, plan, conditions: dict[str, str], lora: dict | None = None
+) -> dict:
+    """savanna's client state (iteration, args, data_loading) plus what resuming needs.
+
+    A LoRA run adds its record (rank, alpha, targets, the base folder and its content hash).
+    """
+    from evo2_hydra.peft.merge import LORA_RECORD
+
     m = run.model
+    extra = {LORA_RECORD: lora} if lora is not None else {}
     return {
+        **extra,
         "iteration": step,
         "args": {
             "num_layers": m.num_layers,
@@ -154,6 +163,46 @@ def _client_state(run: RunConfig, step: int, plan, conditions: dict[str, str]) -
     }
 
 
+def _check_resumed_lora_base(run_dir: Path, base: Path, source: str | None) -> None:
+    """A LoRA run resumes only onto the base its adapters were trained on (content hash)."""
+    from evo2_hydra.checkpoint.layout import locate_checkpoint
+    from evo2_hydra.peft.merge import base_content_hash, read_lora_record
+    from evo2_hydra.train.saving import latest_step_dir
+
+    step_dir = latest_step_dir(run_dir)
+    record = read_lora_record(locate_checkpoint(step_dir))
+    if record is None:
+        raise UserError(
+            f"{step_dir}: holds full weights, not LoRA adapters, but peft=lora; resume it with "
+            "peft=none or start a new run folder"
+        )
+    found = base_content_hash(base)
+    if found != record["base"]["sha256"]:
+        raise UserError(
+            f"{step_dir}: holds LoRA adapters for the base {record['base']['source']} (content "
+            f"hash {record['base']['sha256'][:12]}), but ckpt.path={source} gives "
+            f"{found[:12]}; resume with the original base or start a new run folder"
+        )
+
+
+def _build_lora_model(run: RunConfig, base: Path, device, *, checkpoint_activations: bool):
+    """Base weights loaded (memory-mapped source), then LoRA adapters injected; base frozen."""
+    from evo2_hydra.checkpoint.loader import load_module_state_dict
+    from evo2_hydra.model import build_model, load_into_model
+    from evo2_hydra.peft.lora import add_lora, install_adapter_only_state
+
+    model = build_model(
+        run.model, run.ckpt.context, device="meta", checkpoint_activations=checkpoint_activations
+    )
+    state, _ = load_module_state_dict(base, trust_pickle=run.ckpt.trust_pickle)
+    load_into_model(model, state, run.model, run.ckpt.context, device=device)
+    del state
+    _seed_everything(run.seed)  # the same lora_A on every rank
+    targets = add_lora(model, run.peft)
+    install_adapter_only_state(model)
+    return model, targets
+
+
 def finetune_this_rank(run: RunConfig) -> dict:
     """Everything one rank does (torchrun, submitit/Slurm task, or a local child process)."""
     from evo2_hydra import data as data_api
@@ -161,14 +210,21 @@ def finetune_this_rank(run: RunConfig) -> dict:
     from evo2_hydra.checkpoint.layout import locate_checkpoint
     from evo2_hydra.checkpoint.loader import load_module_state_dict
     from evo2_hydra.checkpoint.prepare import prepare_shared_base_checkpoint
-    from evo2_hydra.model import build_model, load_into_model
+    from evo2_hydra.model import build_model
     from evo2_hydra.train import saving
-    from evo2_hydra.train.engine import batch_plan, build_engine, deepspeed_config
+    from evo2_hydra.train.engine import (
+        batch_plan,
+        build_engine,
+        build_zero3_model,
+        check_zero3_resume,
+        deepspeed_config,
+    )
     from evo2_hydra.train.loop import LoopSettings, StopFlag, train_loop
     from evo2_hydra.train.metrics import MetricsLogger, plot_losses, truncate_metrics
     from evo2_hydra.train.optim import AnnealingLR, build_optimizer
 
     train, context = run.train, run.ckpt.context
+    lora = run.peft.enabled
     run_dir = Path(run.output_dir)
     stop = StopFlag()
     # from the very start: a SIGTERM/SIGINT during setup still ends cleanly; the run folder's
@@ -186,50 +242,88 @@ def finetune_this_rank(run: RunConfig) -> dict:
             if not resume and run.ckpt.path is not None:
                 locate_checkpoint(run.ckpt.path)  # a missing checkpoint fails before data prep
             prepared = data_api.prepare_data(run.data, context, run.data.cache_dir)
+            # a LoRA run needs its (frozen) base on resume too: its checkpoints hold adapters only
             base = (
                 None
-                if resume
+                if resume and not lora
                 else prepare_shared_base_checkpoint(run.ckpt, run.model, run.paths.cache_dir)
             )
             if base is not None:
                 # DeepSpeed unpickles with weights_only=False: verify the cached copy first
                 verify_step_dir(locate_checkpoint(base).step_dir)
+            record = None
+            if lora:
+                from evo2_hydra.peft.merge import base_content_hash
+
+                if resume:
+                    _check_resumed_lora_base(run_dir, base, run.ckpt.path)
+                record = {"path": str(base), "sha256": base_content_hash(base)}
             if not resume:
                 write_text_atomic(run_dir / RUN_CONFIG, config_yaml(run))
-            return resume_step, prepared, base
+            return resume_step, prepared, base, record
 
-        resume_step, prepared, base = _on_rank0_then_share(dist, prepare)
+        resume_step, prepared, base, base_record = _on_rank0_then_share(dist, prepare)
         resume = resume_step is not None
         conditions = dict(prepared.condition_tokens)
 
         # Model: same seed on every rank (identical fresh weights where no checkpoint covers them).
         _seed_everything(run.seed)
         zero3 = train.zero_stage == 3
-        model = build_model(
-            run.model,
-            context,
-            device=dist.device,
-            checkpoint_activations=train.activation_checkpointing,
-        )
-        if base is not None and zero3 and not resume:
-            # ZeRO-3 partitions the module at initialize, and DeepSpeed's module-only load would
-            # look for ZeRO-3 shard files: load the (MP=1) base weights before partitioning.
-            state, _ = load_module_state_dict(base, trust_pickle=run.ckpt.trust_pickle)
-            load_into_model(model, state, run.model, context)
+        ds_config = deepspeed_config(train, plan, gpu=dist.device.type == "cuda")
+        lora_info = None
+        if lora:
+            model, targets = _build_lora_model(
+                run, base, dist.device, checkpoint_activations=train.activation_checkpointing
+            )
+            from evo2_hydra.peft.merge import lora_record
+
+            lora_info = lora_record(run.peft, targets, base, run.ckpt.path, base_record["sha256"])
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            log.info(
+                "LoRA: %d adapted modules, %s trainable of %s parameters (%.2f%%)",
+                len(targets),
+                f"{trainable:,}",
+                f"{total:,}",
+                100 * trainable / total,
+            )
+        elif zero3:
+            # Straight into partitions: no rank ever holds the whole model (40B on 8 GPUs).
+            if resume:
+                state = None  # the ZeRO-3 checkpoint fills everything
+            elif base is not None:
+                state, _ = load_module_state_dict(base, trust_pickle=run.ckpt.trust_pickle)
+            else:  # fresh weights: the same seeded full init a non-partitioned run gets
+                state = build_model(run.model, context, device="cpu").state_dict()
+            model = build_zero3_model(
+                run.model,
+                context,
+                ds_config,
+                checkpoint_activations=train.activation_checkpointing,
+                state=state,
+                rank=dist.rank,
+            )
             del state
+        else:
+            model = build_model(
+                run.model,
+                context,
+                device=dist.device,
+                checkpoint_activations=train.activation_checkpointing,
+            )
         optimizer = build_optimizer(model, train, dist.device)
         scheduler = AnnealingLR(optimizer, train)
-        ds_config = deepspeed_config(train, plan, gpu=dist.device.type == "cuda")
         engine = build_engine(model, optimizer, scheduler, ds_config)
 
         start_step, last_saved = 0, None
         if resume:
+            check_zero3_resume(resume_step, dist.world_size)
             client = saving.load_training_checkpoint(engine, resume_step, dist.rank)
             start_step = last_saved = int(client["iteration"])
             log.info("resuming from %s (step %d of %d)", resume_step, start_step, train.steps)
         else:
             _seed_everything(run.seed + dist.rank)  # per-rank streams of randomness from here on
-            if base is not None and not zero3:
+            if base is not None and not zero3 and not lora:
                 # savanna `finetune: true`: module only; optimizer, LR schedule, data cursor fresh.
                 # Not strict: CKPT's check already accounted for every key (unused norms and TE
                 # _extra_state may be absent or extra), shapes were checked there.
@@ -281,7 +375,7 @@ def finetune_this_rank(run: RunConfig) -> dict:
                     run_dir,
                     step,
                     rank=dist.rank,
-                    client_state=_client_state(run, step, plan, conditions),
+                    client_state=_client_state(run, step, plan, conditions, lora_info),
                     config_yaml=yaml_text,
                     conditions=conditions,
                     keep_last=train.keep_last,
@@ -456,6 +550,11 @@ def run_finetune(run: RunConfig) -> dict:
     from evo2_hydra.train.memory import check_fits
     from evo2_hydra.train.saving import checkpoint_dir
 
+    if run.peft.enabled and run.ckpt.path is None:
+        raise UserError(
+            "peft=lora needs a base checkpoint to adapt: set ckpt.path (ckpt.random_init=true "
+            "would train adapters on random weights)"
+        )
     check_fits(run)
     # leftovers of a killed save or prune (`.tmp-global_stepN.*`, `.old-global_stepN.*`)
     remove_stale_temporaries(checkpoint_dir(Path(run.output_dir)))

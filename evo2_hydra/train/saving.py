@@ -95,7 +95,14 @@ def save_training_checkpoint(
         shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a save that was killed
         staging.mkdir(parents=True, exist_ok=True)
     barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    # frozen parameters (a LoRA run's base) are not checkpoint state: they come from the base
+    engine.save_checkpoint(
+        str(staging),
+        tag=tag,
+        client_state=client_state,
+        save_latest=False,
+        exclude_frozen_parameters=True,
+    )
     torch.save(capture_rng(), staging / tag / f"rng_rank{rank}.pt")
     barrier()
     final = save_dir / tag
