@@ -20,7 +20,7 @@ from evo2_hydra.checkpoint.run_dir import STEP_CONFIG, read_bounded
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.checkpoint.zero3 import gather_zero3_module
 from evo2_hydra.errors import UserError
-from evo2_hydra.peft.merge import LORA_RECORD, lora_module, read_lora_record
+from evo2_hydra.peft.merge import LORA_RECORD, check_base, merge_lora, read_lora_record
 
 VORTEX_MARKERS = ("blocks.", "embedding_layer.", "unembed.", "norm.scale")
 
@@ -86,6 +86,19 @@ def load_shards(
         where = location.describe()
         return [lora_module(t, where, trust_pickle=trust_pickle) for t in tops]
     return tops
+
+
+def lora_module(top: dict[str, Any], where: str, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """A LoRA checkpoint's top-level dict -> the same dict with the merged full `module`.
+
+    The base it names (path + content hash, checked) is loaded through this same verified path;
+    the adapters are merged lazily, one tensor per read (peft/merge.py).
+    """
+    record = top[LORA_RECORD]
+    base_dir = check_base(record, where)
+    base, _meta = load_module_state_dict(base_dir, trust_pickle=trust_pickle)
+    merged = merge_lora(base, top["module"], float(record["scaling"]))
+    return {**top, "module": merged}
 
 
 def shard_shapes(shards: list[dict[str, Any]]) -> list[dict[str, tuple[int, ...]]]:

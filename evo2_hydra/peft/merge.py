@@ -145,22 +145,6 @@ def merge_lora(
     return MergedModule(base, adapters, scaling)
 
 
-def lora_module(
-    top: Mapping[str, Any], where: str, *, trust_pickle: bool = False
-) -> dict[str, Any]:
-    """A LoRA checkpoint's top-level dict -> the same dict with the merged full `module`.
-
-    Called by checkpoint.loader.load_shards when the client state carries `LORA_RECORD`.
-    """
-    from evo2_hydra.checkpoint.loader import load_module_state_dict
-
-    record = top[LORA_RECORD]
-    base_dir = check_base(record, where)
-    base, _meta = load_module_state_dict(base_dir, trust_pickle=trust_pickle)
-    merged = merge_lora(base, top["module"], float(record["scaling"]))
-    return {**top, "module": merged}
-
-
 def read_lora_record(location) -> dict[str, Any] | None:
     """The LoRA record of a located checkpoint (first model-state file), or None."""
     from evo2_hydra.checkpoint.safe_load import safe_load
