@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format
+.PHONY: setup demo test test-fast lint format
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,13 @@ demo: setup
 test: setup
 	bash scripts/run_tests.sh $(VENV)
 
+# Everything except the tests that need the local Slurm (no root needed).
+test-fast: lint
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -m "not slurm" tests
+
+# The same checks run by pre-commit (.pre-commit-config.yaml) and by `make test`.
 lint: setup
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(PY) scripts/render_help.py --check
 
 format: setup
-	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format . && $(PY) scripts/render_help.py

@@ -3,21 +3,10 @@
 python launch.py                                                      # the demo (evo2_tiny, CPU)
 python launch.py model=evo2_7b data.packing=padded ckpt.context=4096  # one finetune run
 python launch.py -m model=evo2_7b ckpt.context=4096,8192 cluster=slurm
+python launch.py --help                                               # tasks, groups, fields
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from evo2_hydra.cli import run_launch
-from evo2_hydra.config import register_configs
-
-register_configs()
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig):
-    return run_launch(cfg)
-
+from evo2_hydra.cli import entry_point, run_launch
 
 if __name__ == "__main__":
-    main()
+    entry_point("train", run_launch)

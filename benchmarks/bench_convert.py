@@ -9,8 +9,8 @@ before each run (warm page cache for all), `--repeat` rounds of all of them inte
 host's slow phases, measured here to make the same cp take 0.6 s or 6 s, then hit every run
 alike), reporting medians:
 - `cp` of the checkpoint file (the baseline);
-- `convert.py target=vortex`, `target=nemo` (torch_dist and zarr), `target=savanna savanna.mp=1`
-  and `target=savanna savanna.dtype=float32`, all with `verify=false`;
+- `convert.py target=vortex`, `target=nemo` (torch_dist and zarr), `target=savanna target.mp=1`
+  and `target=savanna target.dtype=float32`, all with `verify=false`;
 - `cp` of a file as large as the float32 output (twice the source: its fair baseline, since
   past the kernel's dirty-page limit both are throttled to the disk).
 Wall time is the whole process (Python, torch and Hydra start-up included); "startup" is the same
@@ -135,10 +135,10 @@ def main() -> None:
         "startup": [sys.executable, "-c", STARTUP],
         "startup+dcp": [sys.executable, "-c", STARTUP + ", torch.distributed.checkpoint"],
         "vortex": [*base, "target=vortex"],
-        "nemo torch_dist": [*base, "target=nemo", "nemo.format=torch_dist"],
-        "nemo zarr": [*base, "target=nemo", "nemo.format=zarr"],
-        "savanna mp=1": [*base, "target=savanna", "savanna.mp=1"],
-        "savanna float32": [*base, "target=savanna", "savanna.dtype=float32"],
+        "nemo torch_dist": [*base, "target=nemo", "target.format=torch_dist"],
+        "nemo zarr": [*base, "target=nemo", "target.format=zarr"],
+        "savanna mp=1": [*base, "target=savanna", "target.mp=1"],
+        "savanna float32": [*base, "target=savanna", "target.dtype=float32"],
     }
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     rounds["cp f32-size"] = []
@@ -159,7 +159,7 @@ def main() -> None:
             rounds[name].append(result)
             shutil.rmtree(out, ignore_errors=True)
             (work / "copy.pt").unlink(missing_ok=True)
-        # savanna.dtype=float32 writes twice the bytes it reads: past the kernel's dirty-page
+        # target.dtype=float32 writes twice the bytes it reads: past the kernel's dirty-page
         # limits the writer is throttled to the disk, so its fair baseline is cp of a file that
         # large too.
         f32_bytes = int(rounds["savanna float32"][-1]["output_mib"] * 2**20)

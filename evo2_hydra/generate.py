@@ -32,10 +32,10 @@ import torch
 from evo2_hydra.config import (
     CkptConfig,
     DataConfig,
+    Dtype,
     GenerateConfig,
     ModelConfig,
     RunConfig,
-    ScoreDtype,
 )
 from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint, upper_ids
 from evo2_hydra.errors import UserError
@@ -348,7 +348,7 @@ def run_generate(run: RunConfig) -> Path | None:
     prompts = prompt_list(settings, source, policy)  # every input check before loading weights
     output = _output_folder(settings, run)
     device = pick_device(run.cluster.device)
-    dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
+    dtype = torch.bfloat16 if settings.dtype == Dtype.bfloat16 else torch.float32
     model = load_scoring_model(source.model, run.ckpt, dtype, device)
     allowed = allowed_tokens(source.model.vocab_size, stop_at_eod=source.append_eod)
     generator = torch.Generator().manual_seed(settings.seed)

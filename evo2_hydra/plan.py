@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from evo2_hydra.config import ModelConfig, OutputFormat, Precision, RunConfig
+from evo2_hydra.config import Dtype, ModelConfig, OutputFormat, RunConfig
 from evo2_hydra.model import build_model
 from evo2_hydra.train.memory import run_memory_estimate
 
@@ -29,9 +29,9 @@ class PlanSection:
     data: dict[str, Any] = field(default_factory=dict)  # merged into the JSON object
 
 
-def weight_dtype(precision: Precision) -> torch.dtype:
+def weight_dtype(precision: Dtype) -> torch.dtype:
     """Dtype the run keeps its weights in (bf16 training keeps bf16 module weights)."""
-    return torch.bfloat16 if precision == Precision.bf16 else torch.float32
+    return torch.bfloat16 if precision == Dtype.bfloat16 else torch.float32
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -31,10 +31,10 @@ import torch
 from evo2_hydra.config import (
     CkptConfig,
     Device,
+    Dtype,
     ModelConfig,
     RunConfig,
     ScoreConfig,
-    ScoreDtype,
 )
 from evo2_hydra.data.records import SequenceRecord
 from evo2_hydra.data.records import read_sequences as read_records
@@ -271,7 +271,7 @@ def run_score(run: RunConfig) -> Path:
     policy, policy_from = policy_for_checkpoint(run.ckpt.path, run.data)
     log.info("text policy (from %s): %s", policy_from, policy.to_dict())
     records = read_sequences(Path(score.input), score.text_key, run.ckpt.context, policy)
-    dtype = torch.bfloat16 if score.dtype == ScoreDtype.bfloat16 else torch.float32
+    dtype = torch.bfloat16 if score.dtype == Dtype.bfloat16 else torch.float32
 
     def work(items, tmp: Path) -> None:
         device = device_for_rank(pick_device(run.cluster.device))

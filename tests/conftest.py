@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from evo2_hydra.config import register_configs
+from evo2_hydra.cli import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

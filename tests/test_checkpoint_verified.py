@@ -46,7 +46,7 @@ def run_overrides(base: Path, cache: Path, steps: int) -> list[str]:
         "train.eval_steps=1",
         "train.eval_every=100",
         "train.zero_stage=1",
-        "train.precision=fp32",
+        "train.precision=float32",
         "train.save_every=2",
         "train.keep_last=3",
         f"train.steps={steps}",

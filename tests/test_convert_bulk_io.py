@@ -174,10 +174,10 @@ def _data_files(root: Path) -> dict[str, bytes]:
     "target",
     [
         ["target=vortex"],
-        ["target=nemo", "nemo.format=torch_dist"],
-        ["target=nemo", "nemo.format=zarr"],
-        ["target=savanna", "savanna.mp=2"],
-        ["target=savanna", "savanna.mp=1", "ckpt.context=128"],
+        ["target=nemo", "target.format=torch_dist"],
+        ["target=nemo", "target.format=zarr"],
+        ["target=savanna", "target.mp=2"],
+        ["target=savanna", "target.mp=1", "ckpt.context=128"],
     ],
     ids=["vortex", "torch_dist", "zarr", "savanna-mp2", "savanna-resize"],
 )

@@ -37,7 +37,6 @@ def convert_cli(tmp_path: Path, *overrides: str) -> Path:
     try:
         with open_dict(cfg):
             del cfg["hydra"]
-            cfg.output_dir = str(tmp_path / "hydra")
             cfg.paths.output_root = str(tmp_path / "outputs")
         return run_convert(OmegaConf.to_object(cfg))
     finally:
@@ -75,7 +74,7 @@ def test_savanna_keeps_the_source_context_and_says_so(tmp_path, run_source, mp):
     out = convert_cli(
         tmp_path,
         "target=savanna",
-        f"savanna.mp={mp}",
+        f"target.mp={mp}",
         f"source={run_source}",
         f"output={tmp_path / 'kept'}",
     )
@@ -84,7 +83,7 @@ def test_savanna_keeps_the_source_context_and_says_so(tmp_path, run_source, mp):
     out = convert_cli(
         tmp_path,
         "target=savanna",
-        f"savanna.mp={mp}",
+        f"target.mp={mp}",
         "ckpt.context=512",
         f"source={run_source}",
         f"output={tmp_path / 'resized'}",
@@ -97,7 +96,7 @@ def test_nemo_seq_length_is_the_source_context(tmp_path, run_source, fmt):
     out = convert_cli(
         tmp_path,
         "target=nemo",
-        f"nemo.format={fmt}",
+        f"target.format={fmt}",
         f"source={run_source}",
         f"output={tmp_path / 'n'}",
     )

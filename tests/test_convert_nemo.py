@@ -155,7 +155,7 @@ def test_zarr_is_readable_by_zarr(tmp_path, compose_cfg, tiny_source):
     convert(
         compose_cfg,
         "target=nemo",
-        "nemo.format=zarr",
+        "target.format=zarr",
         f"source={source}",
         f"output={out}",
         "verify=false",
@@ -196,7 +196,8 @@ def test_model_sizes_and_context():
     assert resolve_model_size(None, model_config("evo2_40b", mlp_inner_size=22528)) == "40b_arc_1m"
     assert resolve_model_size("1b", model_config("evo2_1b")) == "1b"
     with pytest.raises(
-        UserError, match=r"nemo.model_size=7b is hidden 4096.*MLP 11008.*matching size is 7b_arc_1m"
+        UserError,
+        match=r"target.model_size=7b is hidden 4096.*MLP 11008.*matching size is 7b_arc_1m",
     ):
         resolve_model_size("7b", long)
     with pytest.raises(UserError, match="expected one of"):

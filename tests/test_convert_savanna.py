@@ -42,20 +42,20 @@ def test_mp_split_merge_round_trips_byte_exactly(tmp_path, compose_cfg):
         tmp_path / "src", cfg, 256, layout="latest", mp=1, seed=2
     )
     common = ["target=savanna", "ckpt.context=256", "verify=false"]
-    convert(compose_cfg, *common, f"source={source}", f"output={tmp_path / 'mp1'}", "savanna.mp=1")
+    convert(compose_cfg, *common, f"source={source}", f"output={tmp_path / 'mp1'}", "target.mp=1")
     convert(
         compose_cfg,
         *common,
         f"source={tmp_path / 'mp1'}",
         f"output={tmp_path / 'mp4'}",
-        "savanna.mp=4",
+        "target.mp=4",
     )
     convert(
         compose_cfg,
         *common,
         f"source={tmp_path / 'mp4'}",
         f"output={tmp_path / 'mp2'}",
-        "savanna.mp=2",
+        "target.mp=2",
         "verify=true",
     )
     convert(
@@ -63,7 +63,7 @@ def test_mp_split_merge_round_trips_byte_exactly(tmp_path, compose_cfg):
         *common,
         f"source={tmp_path / 'mp2'}",
         f"output={tmp_path / 'back'}",
-        "savanna.mp=1",
+        "target.mp=1",
     )
 
     # The step manifest (CRC32s computed while streaming) passes checkpoint/writer.py's own check.
@@ -98,7 +98,7 @@ def test_dtype_cast_and_mp_refusals(tmp_path, compose_cfg, run_entry):
         f"source={source}",
         f"output={out}",
         "ckpt.context=256",
-        "savanna.dtype=float32",
+        "target.dtype=float32",
     )
     original, _ = load_module_state_dict(source)
     cast, meta = load_module_state_dict(out)
@@ -109,16 +109,16 @@ def test_dtype_cast_and_mp_refusals(tmp_path, compose_cfg, run_entry):
 
     with pytest.raises(
         UserError,
-        match=r"savanna.mp=2: model=evo2_1b has num_attention_heads=15, not divisible by 2.*\[1\]",
+        match=r"target.mp=2: model=evo2_1b has num_attention_heads=15, not divisible by 2.*\[1\]",
     ):
         check_mp_size(model_config("evo2_1b"), 2)
-    with pytest.raises(UserError, match=r"savanna.mp=3: model=evo2_tiny has num_attention_heads=4"):
+    with pytest.raises(UserError, match=r"target.mp=3: model=evo2_tiny has num_attention_heads=4"):
         convert(
             compose_cfg,
             "target=savanna",
             f"source={source}",
             f"output={tmp_path / 'x'}",
-            "savanna.mp=3",
+            "target.mp=3",
         )
     assert not (tmp_path / "x").exists()
     # An incomplete NeMo folder (no weights/metadata.json) is refused (NeMo2 sources: see

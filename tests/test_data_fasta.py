@@ -338,3 +338,32 @@ def test_reader_policy_skip_keeps_numbering(tmp_path):
     assert len(skipped) == 1 and "record 2 ('b')" in skipped[0] and "'X'" in skipped[0]
     with pytest.raises(UserError, match=r"record 2 \('b'\): character 'X'"):
         read_sequences(src, key="embed.input", policy=TextPolicy(charset=Charset.iupac))
+
+
+def test_reader_reads_gzip_jsonl_and_names_bad_bytes(tmp_path):
+    policy = TextPolicy()
+    packed = tmp_path / "r.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"id": "a", "text": "acgt"}\n'))
+    records, _ = read_sequences(packed, key="score.input", policy=policy)
+    assert [(r.id, r.text) for r in records] == [("a", "ACGT")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ACGT"}\n{"text": "AC\xffGT"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_sequences(bad, key="score.input", policy=policy)
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(b'{"text": "ACGT"}\n')
+    with pytest.raises(UserError, match=r"fake\.jsonl\.gz: named \.gz but is not gzip"):
+        read_sequences(fake, key="score.input", policy=policy)
+
+
+def test_prepare_data_takes_fasta_for_train_and_valid(tmp_path):
+    from evo2_hydra.data.prepare import prepare_data
+
+    train = write_fasta(tmp_path / "train.fa.gz", form="gzip")
+    valid = write_fasta(tmp_path / "valid.fna", RECORDS[:2])
+    data = DataConfig(input=str(train), valid_input=str(valid), cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(data, 256, data.cache_dir)
+    assert len(MMapIndexedDataset(prepared.train[0].prefix)) == len(RECORDS)
+    assert len(MMapIndexedDataset(prepared.valid[0].prefix)) == 2
+    again = prepare_data(data, 256, data.cache_dir)  # cached: the same folder
+    assert again.train[0].prefix == prepared.train[0].prefix

@@ -63,7 +63,7 @@ def test_generated_composition_follows_the_condition_token(compose_cfg, tmp_path
             "train.lr=2e-2",
             "train.min_lr=1e-3",
             "train.warmup=0.1",
-            "train.precision=fp32",
+            "train.precision=float32",
             "train.zero_stage=0",
             f"train.eval_every={steps}",
             "train.eval_steps=1",

@@ -295,11 +295,11 @@ def test_hub_bad_input_one_line(hf_cache, checkpoint_file, tmp_path):
     cases = {
         # id not in the offline cache: how to download it
         "hf://org/absent": r"org/absent is not in the Hugging Face cache .* HF_HUB_OFFLINE is set; "
-        r"download it first: hf download org/absent --include",
-        "hf://org/absent/f.pt": r"download it first: hf download org/absent f\.pt$",
+        r"download it first: hf download org/absent --include '\*\.pt' --include '\*\.pt\.part\*'$",
+        "hf://org/absent/f.pt": r"hf download org/absent --include 'f\.pt' --include 'f\.pt\.part\*'$",
         # a revision that does not exist (in the cache)
         "hf://org/single@nope": r"revision nope of org/single is not in the cache .*cached refs: main.*"
-        r"hf download org/single --include .* --revision nope",
+        r"hf download org/single --include .* --revision nope$",
         # a file the cached snapshot does not hold
         "hf://org/single/other.pt": r"other\.pt is not in the cached snapshot of org/single",
     }
@@ -316,7 +316,9 @@ def test_hub_part_missing_or_wrong_size(hf_cache, checkpoint_file, tmp_path):
     listing = json.loads((snapshot.parents[1] / "trees" / f"{COMMIT}.json").read_text())
     listing["files"]["big.pt.part2"] = {"size": len(files["big.pt.part2"]), "blob_id": "0" * 40}
     (snapshot.parents[1] / "trees" / f"{COMMIT}.json").write_text(json.dumps(listing))
-    with pytest.raises(UserError, match=r"hf://org/big/big\.pt: .*hf download org/big big\.pt"):
+    with pytest.raises(
+        UserError, match=r"hf://org/big/big\.pt: .*hf download org/big --include 'big\.pt'"
+    ):
         hub.resolve("hf://org/big/big.pt")
     with pytest.raises(UserError, match=r"incomplete|not in the cached snapshot"):
         hub.resolve("hf://org/big")

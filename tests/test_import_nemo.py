@@ -75,7 +75,7 @@ def stored(state: dict, cfg) -> dict:
 def test_nemo2_round_trip_is_byte_exact(tmp_path, compose_cfg, source, fmt):
     cfg, path, state = source
     n1, n2, sav = tmp_path / "n1", tmp_path / "n2", tmp_path / "sav"
-    convert(compose_cfg, "target=nemo", f"nemo.format={fmt}", f"source={path}", f"output={n1}")
+    convert(compose_cfg, "target=nemo", f"target.format={fmt}", f"source={path}", f"output={n1}")
     # Import: every stored tensor comes back bit for bit.
     ck = detect_megatron(n1)
     assert ck is not None and ck.kind == "nemo2" and ck.backend == fmt
@@ -90,7 +90,7 @@ def test_nemo2_round_trip_is_byte_exact(tmp_path, compose_cfg, source, fmt):
     convert(
         compose_cfg,
         "target=nemo",
-        f"nemo.format={fmt}",
+        f"target.format={fmt}",
         f"source={n1}",
         f"output={n2}",
         "verify=true",
@@ -111,7 +111,7 @@ def test_nemo2_round_trip_is_byte_exact(tmp_path, compose_cfg, source, fmt):
         manifest["verify_max_logit_diff"] is not None and manifest["verify_max_logit_diff"] < 1e-3
     )
     n3 = tmp_path / "n3"
-    convert(compose_cfg, "target=nemo", f"nemo.format={fmt}", f"source={sav}", f"output={n3}")
+    convert(compose_cfg, "target=nemo", f"target.format={fmt}", f"source={sav}", f"output={n3}")
     w3 = read_weights(detect_megatron(n3))
     assert all(same_bytes(w1[k], w3[k]) for k in w1)
 
@@ -152,7 +152,7 @@ def rechunk_zarr_tp2(weights: Path) -> int:
 def test_nemo2_zarr_tensor_parallel_shards_merge(tmp_path, compose_cfg, source):
     cfg, path, _ = source
     n1 = tmp_path / "n1"
-    convert(compose_cfg, "target=nemo", "nemo.format=zarr", f"source={path}", f"output={n1}")
+    convert(compose_cfg, "target=nemo", "target.format=zarr", f"source={path}", f"output={n1}")
     tp2 = tmp_path / "tp2"
     shutil.copytree(n1, tp2)
     assert rechunk_zarr_tp2(tp2 / "weights") > 20
@@ -356,7 +356,7 @@ def test_bad_nemo_and_mbridge_dirs_one_line(tmp_path, compose_cfg, source, run_e
     fails(missing, rf"{victim.name}: missing shard file")
     # zarr: a missing chunk, and a chunk grid that does not divide (TP size 3 of 64 rows).
     z = tmp_path / "z"
-    convert(compose_cfg, "target=nemo", "nemo.format=zarr", f"source={path}", f"output={z}")
+    convert(compose_cfg, "target=nemo", "target.format=zarr", f"source={path}", f"output={z}")
     rechunk_zarr_tp2(z / "weights")
     array = z / "weights" / "module.decoder.layers.0.mixer.dense_projection.weight"
     (array / "1.0").rename(tmp_path / "chunk")

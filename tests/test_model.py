@@ -230,7 +230,7 @@ def test_bad_mlp_width_is_named(tiny):
     wider = dataclasses.replace(tiny, mlp_inner_size=160)
     message = _error(tiny, 256, expected_state_dict_shapes(wider, 256))
     assert "sequential.2.mlp.w1.weight file [160, 64] vs model [128, 64]" in message
-    assert "MLP width" in message and "ckpt.mlp_inner_size=160" in message
+    assert "MLP width" in message and "model.mlp_inner_size=160" in message
 
 
 def test_bad_model_size_is_named(tiny):

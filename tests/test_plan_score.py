@@ -43,7 +43,7 @@ def test_plan_json_lists_every_parameter_without_allocating(run_entry):
 def test_plan_text_table(compose_cfg, capsys):
     run = to_obj(
         compose_cfg(
-            ["task=plan", "model=evo2_40b", "ckpt=savanna_evo2_40b", "train.precision=fp32"]
+            ["task=plan", "model=evo2_40b", "ckpt=savanna_evo2_40b", "train.precision=float32"]
         )
     )
     sections = run_plan(run)

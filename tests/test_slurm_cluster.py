@@ -72,7 +72,7 @@ def slurm_args(shared, out: Path, *extra: str) -> list[str]:
         "train.micro_batch_size=2",
         "train.eval_steps=1",
         "train.eval_every=100",
-        "train.precision=fp32",
+        "train.precision=float32",
         "train.zero_stage=2",
         "train.lr=1e-3",
         "train.min_lr=1e-4",

@@ -82,7 +82,9 @@ def latest(run: RunConfig) -> str:
     return (ckpt_dir(run) / "latest").read_text()
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize(
+    "stage,precision", [(0, "float32"), (1, "bfloat16"), (2, "float32"), (3, "bfloat16")]
+)
 def test_zero_stage_trains_saves_and_resumes(make_run, stage, precision):
     args = (f"train.zero_stage={stage}", f"train.precision={precision}", "train.save_every=2")
     args += (f"train.activation_checkpointing={stage in (0, 3)}",)  # recompute blocks in backward
@@ -116,7 +118,7 @@ def test_zero_stage_trains_saves_and_resumes(make_run, stage, precision):
         assert (step / name).is_file(), name
     assert json.loads((step / "conditions.json").read_text()) == {"A": "1", "B": "2"}
     if stage in (1, 2):
-        prefix = "bf16_" if precision == "bf16" else ""
+        prefix = "bf16_" if precision == "bfloat16" else ""
         assert (step / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
     if stage != 3:  # the model states are savanna-loadable by our own loader
         state, meta = load_module_state_dict(run_dir)
@@ -133,7 +135,7 @@ def test_zero_stage_trains_saves_and_resumes(make_run, stage, precision):
 def test_base_weights_are_loaded_module_only(make_run, shared):
     """savanna finetune: module from the base, fresh optimizer; step 1 runs at lr 0, so the
     weights saved after it are exactly the base weights (ZeRO-2 master copy refreshed)."""
-    run = make_run("run", "train.zero_stage=2", "train.precision=fp32", "train.steps=1")
+    run = make_run("run", "train.zero_stage=2", "train.precision=float32", "train.steps=1")
     run_finetune(run)
     saved, _ = load_module_state_dict(Path(run.output_dir))
     base, _ = load_module_state_dict(shared["base"])
@@ -165,7 +167,7 @@ def _signal_at(monkeypatch, train_call: int, *, nan: bool = False, sig: bool = F
 def test_exact_resume_after_sigterm_mid_step(make_run, monkeypatch):
     args = (
         "train.zero_stage=1",
-        "train.precision=fp32",
+        "train.precision=float32",
         "train.steps=6",
         "train.grad_accum_steps=2",
     )
@@ -236,7 +238,7 @@ def test_missing_data_or_checkpoint(make_run, tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_local_processes(make_run, stage):
-    args = (f"train.zero_stage={stage}", "cluster.tasks=2", "train.precision=bf16")
+    args = (f"train.zero_stage={stage}", "cluster.tasks=2", "train.precision=bfloat16")
     run = make_run("run", *args, "train.steps=2")
     out = run_finetune(run)  # spawns rank 0 and rank 1
     assert out["world_size"] == 2 and out["last_step"] == 2

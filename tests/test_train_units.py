@@ -13,8 +13,8 @@ from evo2_hydra.config import (
     ClusterConfig,
     DecayStyle,
     Device,
+    Dtype,
     NoDecaySet,
-    Precision,
     TrainConfig,
 )
 from evo2_hydra.errors import UserError
@@ -164,7 +164,7 @@ def test_batch_plan():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config(stage):
     train = TrainConfig(
-        zero_stage=stage, precision=Precision.bf16, micro_batch_size=2, grad_accum_steps=3
+        zero_stage=stage, precision=Dtype.bfloat16, micro_batch_size=2, grad_accum_steps=3
     )
     cfg = deepspeed_config(train, batch_plan(4, 2, 3))
     assert cfg["train_batch_size"] == 24
@@ -175,16 +175,16 @@ def test_deepspeed_config(stage):
     assert cfg["zero_optimization"]["stage"] == stage
     assert "optimizer" not in cfg and "scheduler" not in cfg  # ours are passed in
     fp32 = deepspeed_config(
-        TrainConfig(zero_stage=stage, precision=Precision.fp32), batch_plan(1, 1, 1)
+        TrainConfig(zero_stage=stage, precision=Dtype.float32), batch_plan(1, 1, 1)
     )
     assert fp32["bf16"] == {"enabled": False}
 
 
 def test_memory_model_states_by_hand():
     # bf16 on 8 ranks: stage 0 16, stage 1 4 + 12/8, stage 2 2 + 14/8, stage 3 16/8 bytes/param
-    totals = [sum(model_state_bytes_per_param(s, Precision.bf16, 8)) for s in range(4)]
+    totals = [sum(model_state_bytes_per_param(s, Dtype.bfloat16, 8)) for s in range(4)]
     assert totals == [16.0, 5.5, 3.75, 2.0]
-    totals = [sum(model_state_bytes_per_param(s, Precision.fp32, 4)) for s in range(4)]
+    totals = [sum(model_state_bytes_per_param(s, Dtype.float32, 4)) for s in range(4)]
     assert totals == [16.0, 10.0, 7.0, 4.0]
 
 
@@ -195,11 +195,11 @@ def test_memory_estimate_by_hand(compose_cfg):
     block = 2 * (16 * d + 4 * f)  # bf16
     hyena = block + 24 * d
     no_ckpt = (27 * hyena + 5 * block + 10 * 512) * 8192
-    assert activation_bytes(m, 8192, 1, Precision.bf16, False) == no_ckpt
+    assert activation_bytes(m, 8192, 1, Dtype.bfloat16, False) == no_ckpt
     with_ckpt = (32 * 2 * d + hyena + 10 * 512) * 8192
-    assert activation_bytes(m, 8192, 1, Precision.bf16, True) == with_ckpt
+    assert activation_bytes(m, 8192, 1, Dtype.bfloat16, True) == with_ckpt
 
-    train = TrainConfig(zero_stage=1, precision=Precision.bf16, activation_checkpointing=True)
+    train = TrainConfig(zero_stage=1, precision=Dtype.bfloat16, activation_checkpointing=True)
     est = estimate_memory(m, 8192, train, world_size=8, gpu_memory_gb=80)
     p = est.params
     assert 6.4e9 < p < 6.6e9  # Evo 2 7B

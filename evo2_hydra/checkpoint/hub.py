@@ -48,7 +48,9 @@ class HubId:
         return f"hf://{self.repo}{rev}{'/' + self.filename if self.filename else ''}"
 
     def download_command(self) -> str:
-        files = f" {self.filename}" if self.filename else " --include '*.pt' '*.pt.part*'"
+        # The file, or its parts when the repo holds it in parts (one --include per pattern).
+        name = self.filename or "*.pt"
+        files = f" --include '{name}' --include '{name}.part*'"
         rev = f" --revision {self.revision}" if self.revision else ""
         return f"hf download {self.repo}{files}{rev}"
 

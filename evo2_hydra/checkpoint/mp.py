@@ -124,7 +124,7 @@ def check_mp_size(cfg: ModelConfig, mp: int) -> None:
             else ""
         )
         raise UserError(
-            f"savanna.mp={mp}: model={cfg.name} has {name}={value}, not divisible by {mp}{others}; "
+            f"target.mp={mp}: model={cfg.name} has {name}={value}, not divisible by {mp}{others}; "
             f"model-parallel sizes that divide heads, hidden size, groups, MLP and vocabulary: "
             f"{valid_mp_sizes(cfg)}"
         )

@@ -217,7 +217,7 @@ def write_model_states(
             dim = partition_dim(key)
             if dim is not None and value.shape[dim] % mp_out:
                 raise UserError(
-                    f"savanna.mp={mp_out}: {key} {tuple(value.shape)} does not split along dim {dim}"
+                    f"target.mp={mp_out}: {key} {tuple(value.shape)} does not split along dim {dim}"
                 )
             pieces = torch.chunk(value, mp_out, dim=dim) if dim is not None else [value] * mp_out
             submit(lambda key=key, pieces=pieces: write_pieces(key, pieces))

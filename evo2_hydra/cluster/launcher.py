@@ -39,7 +39,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from evo2_hydra.cluster.site import check_site, tasks_per_node
-from evo2_hydra.config import REPO_ROOT, ClusterConfig, ConfigError, RunConfig, Task
+from evo2_hydra.config import (
+    REPO_ROOT,
+    ClusterConfig,
+    ConfigError,
+    RunConfig,
+    Task,
+    check_known_keys,
+)
 from evo2_hydra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,6 +97,7 @@ class SweepPoint:
 def to_run_config(cfg: DictConfig, where: str) -> RunConfig:
     """The point's config as dataclasses (runs the cross-field rules); UserError naming the point."""
     try:
+        check_known_keys(cfg)
         run = OmegaConf.to_object(cfg)
     except (ConfigError, UserError) as err:
         raise UserError(f"{where}: {err}") from None
@@ -347,8 +355,11 @@ class Evo2SlurmLauncherBase(SlurmLauncher):
         )
         print("\n".join(world_layout(cluster)))
         print(f"{len(points)} job(s):")
+        from evo2_hydra.dry_run import describe
+
         for point in points:
             print(f"  {point.label} -> {point.output_dir}")
+            print("\n".join(f"    {line}" for line in describe(point.run)))
 
     def _run_here(self, overrides: list[str], idx: int) -> JobReturn:
         """task=plan: computed on this machine (no GPU needed), one per sweep point."""

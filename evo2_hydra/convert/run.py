@@ -55,7 +55,7 @@ def default_output(conv: ConvertConfig, source: Path) -> Path:
         name = f"{source.resolve().parent.parent.name}-{source.name}"
     target = conv.target.kind.value
     if conv.target.kind == TargetKind.nemo:
-        target = f"nemo-{conv.nemo.format.value}"
+        target = f"nemo-{conv.target.format.value}"
     return Path(conv.paths.output_root) / "exports" / f"{name}-{target}"
 
 

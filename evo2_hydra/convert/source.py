@@ -80,9 +80,7 @@ def megatron_source(conv: ConvertConfig, ck: Any, path: Path) -> Source:
     module, model = import_megatron(ck, conv.model, chosen_on_cli=chosen is not None)
     # Its hcm filters are stored at 128 taps (NeMo) or the training width (MBridge): no preset's
     # source context; the preset's MLP width / RoPE scaling come from the checkpoint itself.
-    ckpt = dataclasses.replace(
-        conv.ckpt, model=None, source_context=None, mlp_inner_size=None, rope_scaling_factor=None
-    )
+    ckpt = dataclasses.replace(conv.ckpt, model=None, source_context=None)
     check_model_ckpt(model, ckpt)
     return Source(None, ck.kind, [module], model, ckpt, max(1, ck.iteration or 1), {}, None, path)
 
@@ -173,9 +171,7 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
         model = saved_model(saved_run)
         # The saved model already carries its preset's patches (MLP width, RoPE scaling); the
         # command line's preset no longer applies, only ckpt.context (the resize target) does.
-        ckpt = dataclasses.replace(
-            ckpt, model=None, source_context=None, mlp_inner_size=None, rope_scaling_factor=None
-        )
+        ckpt = dataclasses.replace(ckpt, model=None, source_context=None)
         check_model_ckpt(model, ckpt)
         log.info("model: %s, from the checkpoint's saved run config", model.name)
     iteration = first.get("iteration", location.iteration)

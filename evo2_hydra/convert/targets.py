@@ -142,7 +142,7 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
     cfg = src.model
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         progress = conversion_progress(
-            nemo_io.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.nemo.format.value})"
+            nemo_io.nemo_total_bytes(src.shapes(), cfg), f"nemo ({conv.target.format.value})"
         )
         crcs: dict[str, Future] = {}
         checksums = BackgroundCrc32()
@@ -157,25 +157,25 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
                 state,
                 cfg,
                 src.shapes(),
-                fmt=conv.nemo.format,
-                model_size=conv.nemo.model_size,
+                fmt=conv.target.format,
+                model_size=conv.target.model_size,
                 context=src.ckpt.context,
                 on_tensor=written_one,
             )
 
         def reimport():
-            weights = nemo_io.read_nemo_weights(tmp / "weights", conv.nemo.format)
+            weights = nemo_io.read_nemo_weights(tmp / "weights", conv.target.format)
             return nemo_format.nemo_to_savanna(weights, cfg)
 
         diff = _verify(conv, src, state, reimport)
         write_export_manifest(
             tmp,
             source=src.describe(),
-            target=f"nemo/{conv.nemo.format.value}",
+            target=f"nemo/{conv.target.format.value}",
             tensors={k: (*v, crcs[k].result()) for k, v in written.items()},
             extra={"model": cfg.name, "verify_max_logit_diff": diff},
         )
-    log.info("nemo: wrote %s (%s)", output, conv.nemo.format.value)
+    log.info("nemo: wrote %s (%s)", output, conv.target.format.value)
     return output
 
 
@@ -200,7 +200,7 @@ def described_config(conv: ConvertConfig, cfg: ModelConfig) -> str:
     """`configs/config.yaml` for a source without one: this conversion's config, resolved model."""
     from omegaconf import OmegaConf
 
-    resolved = dataclasses.replace(conv, model=cfg, output_dir=str(conv.output))
+    resolved = dataclasses.replace(conv, model=cfg)
     return OmegaConf.to_yaml(OmegaConf.structured(resolved))
 
 
@@ -208,7 +208,7 @@ CAST_DTYPES = {CastDtype.bfloat16: torch.bfloat16, CastDtype.float32: torch.floa
 
 
 def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
-    """Re-save as savanna: MP merge/split (`savanna.mp`), resize to `ckpt.context`, dtype cast.
+    """Re-save as savanna: MP merge/split (`target.mp`), resize to `ckpt.context`, dtype cast.
 
     Sources: savanna files (any MP), ZeRO-3 folders (gathered to full fp32 tensors), vortex files
     (imported). The result is `output/latest` + `output/global_stepN/mp_rank_XX_model_states.pt`,
@@ -219,12 +219,12 @@ def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
     cfg = src.model
     state = src.merged()
     pad_to = check_checkpoint(src.shapes(), src.describe(), src.ckpt, cfg)
-    mp_out = conv.savanna.mp or len(src.shards)
+    mp_out = conv.target.mp or len(src.shards)
     check_mp_size(cfg, mp_out)
     context = src.ckpt.context
     log.info(
         "savanna: %s -> %s (MP %d -> %d, context -> %d, dtype %s)",
-        src.describe(), output, len(src.shards), mp_out, context, conv.savanna.dtype.value,
+        src.describe(), output, len(src.shards), mp_out, context, conv.target.dtype.value,
     )  # fmt: skip
     with atomic_dir(output, overwrite=conv.overwrite) as tmp:
         written = write_savanna_dir(
@@ -234,7 +234,7 @@ def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
             iteration=src.iteration,
             context=context,
             pad_to=pad_to,
-            dtype=CAST_DTYPES.get(conv.savanna.dtype),
+            dtype=CAST_DTYPES.get(conv.target.dtype),
             interleave_legacy=conv.ckpt.interleave_legacy,
             args=src.args,
             run_config_yaml=with_context(src.run_config_yaml, context)

@@ -1,9 +1,11 @@
 """Everything between a user's sequences and the batches the model trains on.
 
-    prepare_data(data, context, cache_dir)        JSONL -> cached BIN/IDX (or given BIN/IDX prefixes)
+    prepare_data(data, context, cache_dir)        JSONL/FASTA -> cached BIN/IDX (or given prefixes)
     build_train_stream(data, prepared, ...)       endless, sharded, resumable training batches
     build_eval_batches(data, prepared, ...)       a fixed list of validation batches
     lm_loss(logits, batch)                        fp32 cross-entropy with the configured loss weights
+    TextPolicy, policy_for_checkpoint             what a sequence may hold, what the model sees
+    iter_sequences / read_sequences               the inference tasks' JSONL/FASTA reader
 
 Submodules are imported lazily so preprocessing worker processes never import torch.
 """
@@ -21,6 +23,10 @@ _EXPORTS = {
     "lm_loss": "evo2_hydra.data.loss",
     "MMapIndexedDataset": "evo2_hydra.data.indexed",
     "run_preprocess": "evo2_hydra.data.preprocess",
+    "TextPolicy": "evo2_hydra.data.text",
+    "policy_for_checkpoint": "evo2_hydra.data.text",
+    "iter_sequences": "evo2_hydra.data.records",
+    "read_sequences": "evo2_hydra.data.records",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evo2_hydra.config import EmbedConfig, EmbedPool, ModelConfig, RunConfig, SaveDtype, ScoreDtype
+from evo2_hydra.config import Dtype, EmbedConfig, EmbedPool, ModelConfig, RunConfig, SaveDtype
 from evo2_hydra.data.text import policy_for_checkpoint
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer import common
@@ -194,7 +194,7 @@ def run_embed(run: RunConfig) -> Path:
     _, world = rank_and_world()
     sharded = max(world, run.cluster.world_size) > 1
     output = common.output_folder(settings.output, "embed.output", "embed", source, sharded)
-    dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
+    dtype = torch.bfloat16 if settings.dtype == Dtype.bfloat16 else torch.float32
     manifest = {
         "task": "embed",
         "layers": layers,

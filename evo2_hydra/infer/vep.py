@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from evo2_hydra.config import OnError, RunConfig, ScoreDtype, VepConfig
+from evo2_hydra.config import Dtype, OnError, RunConfig, VepConfig
 from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer import common
@@ -302,7 +302,7 @@ def run_vep(run: RunConfig) -> Path:
     _, world = rank_and_world()
     sharded = max(world, run.cluster.world_size) > 1
     output = common.output_folder(settings.output, "vep.output", "vep", source, sharded)
-    dtype = torch.bfloat16 if settings.dtype == ScoreDtype.bfloat16 else torch.float32
+    dtype = torch.bfloat16 if settings.dtype == Dtype.bfloat16 else torch.float32
     if skipped:
         log.warning(
             "skipping %d variant(s) whose REF does not match (vep.on_mismatch=skip)", len(skipped)
@@ -337,7 +337,7 @@ def run_vep(run: RunConfig) -> Path:
         summary = {
             "task": "vep",
             **{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()},
-            "variants": len(variants),
+            "variants_read": len(variants),
             "scored": len(rows),
             "skipped_ref_mismatch": len(skipped),
             "seconds": seconds,

@@ -117,11 +117,6 @@ class StripedHyena2(nn.Module):
         self, cfg: ModelConfig, context: int, checkpoint_activations: bool = False
     ) -> None:
         super().__init__()
-        if not cfg.tie_embeddings:
-            raise UserError(
-                "model.tie_embeddings=false: Evo 2 checkpoints tie the output to "
-                "sequential.0.word_embeddings.weight; an untied head has no savanna key"
-            )
         self.context = context
         self.checkpoint_activations = checkpoint_activations
         n = cfg.num_layers

@@ -95,7 +95,7 @@ def _likely_cause(
             width = shapes[key][0]
             return (
                 f"MLP width: the checkpoint has {width}, model.mlp_inner_size={cfg.mlp_inner_size} "
-                f"(choose the matching ckpt preset or set ckpt.mlp_inner_size={width})"
+                f"(choose the matching ckpt preset or set model.mlp_inner_size={width})"
             )
     return "the checkpoint was saved with a different architecture (model.operator_pattern, groups, heads)"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evo2_hydra.config import Precision, TrainConfig
+from evo2_hydra.config import Dtype, TrainConfig
 from evo2_hydra.errors import UserError
 
 
@@ -74,7 +74,7 @@ def deepspeed_config(train: TrainConfig, plan: BatchPlan, *, gpu: bool = False) 
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": train.grad_clip,
-        "bf16": {"enabled": train.precision == Precision.bf16},
+        "bf16": {"enabled": train.precision == Dtype.bfloat16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves (metrics.jsonl, TensorBoard, console)

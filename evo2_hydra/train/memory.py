@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from evo2_hydra.config import ModelConfig, Precision, RunConfig, TrainConfig
+from evo2_hydra.config import Dtype, ModelConfig, RunConfig, TrainConfig
 from evo2_hydra.errors import UserError
 
 GIB = 2**30
@@ -65,10 +65,10 @@ def count_parameters(model: ModelConfig, context: int) -> tuple[int, int, int]:
 
 
 def model_state_bytes_per_param(
-    zero_stage: int, precision: Precision, dp: int
+    zero_stage: int, precision: Dtype, dp: int
 ) -> tuple[float, float, float]:
     """(weights, grads, optimizer) bytes per parameter on one rank (table in the module docstring)."""
-    w, g, o = (2.0, 2.0, 12.0) if precision == Precision.bf16 else (4.0, 4.0, 8.0)
+    w, g, o = (2.0, 2.0, 12.0) if precision == Dtype.bfloat16 else (4.0, 4.0, 8.0)
     if zero_stage >= 1:
         o /= dp
     if zero_stage >= 2:
@@ -79,9 +79,9 @@ def model_state_bytes_per_param(
 
 
 def activation_bytes(
-    model: ModelConfig, context: int, micro_batch: int, precision: Precision, checkpointing: bool
+    model: ModelConfig, context: int, micro_batch: int, precision: Dtype, checkpointing: bool
 ) -> float:
-    b = 2 if precision == Precision.bf16 else 4
+    b = 2 if precision == Dtype.bfloat16 else 4
     d, f, v = model.hidden_size, model.mlp_inner_size, model.vocab_size
     per_block = [
         b * (16 * d + 4 * f) + (HYENA_FP32_BYTES_PER_CHANNEL * d if kind != "attention" else 0)
@@ -108,7 +108,7 @@ def estimate_memory(
     dp = max(world_size // mp, 1)
     params_per_rank = params / mp
     w, g, o = model_state_bytes_per_param(train.zero_stage, train.precision, dp)
-    buf_b = 2 if train.precision == Precision.bf16 else 4
+    buf_b = 2 if train.precision == Dtype.bfloat16 else 4
     buffer_bytes = (buffers - fp32_buffers) * buf_b + fp32_buffers * 4
     act = activation_bytes(
         model, context, train.micro_batch_size, train.precision, train.activation_checkpointing

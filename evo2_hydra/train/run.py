@@ -27,7 +27,7 @@ import torch.distributed as torch_dist
 import yaml
 from omegaconf import OmegaConf
 
-from evo2_hydra.config import ClusterKind, Precision, RunConfig
+from evo2_hydra.config import ClusterKind, Dtype, RunConfig
 from evo2_hydra.distributed import DistInfo, launched_externally, setup_distributed
 from evo2_hydra.errors import UserError
 from evo2_hydra.io_utils import (
@@ -305,7 +305,7 @@ def finetune_this_rank(run: RunConfig) -> dict:
             save_every=train.save_every,
             log_every=train.log_every,
             eval_at_start=not resume,
-            manual_grad_norm=train.zero_stage == 0 and train.precision == Precision.fp32,
+            manual_grad_norm=train.zero_stage == 0 and train.precision == Dtype.float32,
         )
         try:
             result = train_loop(
@@ -495,6 +495,7 @@ def resumed_config(cfg, overrides: list[str] | None = None):
     """
     from omegaconf import DictConfig
 
+    from evo2_hydra.checkpoint.run_dir import read_config_file
     from evo2_hydra.run_identity import may_change_on_resume
 
     run_dir = Path(str(cfg.resume)).expanduser()
@@ -511,9 +512,7 @@ def resumed_config(cfg, overrides: list[str] | None = None):
             "saved config defines it); allowed: train.steps, train.save_every, train.keep_last, "
             "train.eval_every, train.eval_steps, train.log_every, cluster.*; start a new run instead"
         )
-    from evo2_hydra.checkpoint.run_dir import read_config_file
-
-    tree = read_config_file(saved)  # size-limited, aliases refused: one line for a bad file
+    tree = read_config_file(saved)  # size-limited, aliases refused (checkpoint/run_dir.py)
     from omegaconf.errors import OmegaConfBaseException
 
     try:

@@ -110,13 +110,13 @@ def resolve_model_size(model_size: str | None, cfg: ModelConfig) -> str | None:
     name = NEMO_SIZE_ALIASES.get(model_size, model_size)
     if name not in NEMO_SIZES:
         raise UserError(
-            f"nemo.model_size={model_size}: expected one of {', '.join(NEMO_SIZES)} "
+            f"target.model_size={model_size}: expected one of {', '.join(NEMO_SIZES)} "
             f"(or {', '.join(NEMO_SIZE_ALIASES)})"
         )
     if name not in fits:
         s = NEMO_SIZES[name]
         raise UserError(
-            f"nemo.model_size={model_size} is hidden {s.hidden_size}, {s.num_layers} layers, "
+            f"target.model_size={model_size} is hidden {s.hidden_size}, {s.num_layers} layers, "
             f"MLP {s.ffn_hidden_size}, but model={cfg.name} is hidden {cfg.hidden_size}, "
             f"{cfg.num_layers} layers, MLP {cfg.mlp_inner_size}"
             + (f"; the matching size is {fits[0]}" if fits else "")

@@ -221,7 +221,7 @@ def vortex_config(cfg: ModelConfig, max_seqlen: int) -> dict[str, Any]:
         "mlp_activation": "gelu",
         "model_parallel_size": 1,
         "pipe_parallel_size": 1,
-        "tie_embeddings": cfg.tie_embeddings,
+        "tie_embeddings": True,  # Evo 2 ties the output head to the embedding
         "mha_out_proj_bias": True,
         "hyena_out_proj_bias": True,
         "hyena_flip_x1x2": False,
