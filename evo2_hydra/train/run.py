@@ -459,14 +459,17 @@ def checkpoint_save_error(run_dir: Path, step: int, err: BaseException) -> BaseE
     without the file or the cause (io_utils.write_failure_as_os_error). Other errors pass as
     they are (a bug keeps its traceback).
     """
-    from evo2_hydra.train.saving import latest_step_dir
+    from evo2_hydra.checkpoint.layout import read_latest
 
     folder = run_dir / "checkpoints"
     os_error = write_failure_as_os_error(err, folder)
     if os_error is None:
         return err
     where = os_error.filename if os_error.filename else folder
-    previous = latest_step_dir(run_dir)
+    try:
+        previous = read_latest(folder)
+    except UserError:  # no (usable) `latest`: nothing was saved before
+        previous = None
     kept = f"{previous.name} is still the latest checkpoint" if previous else "no step was saved"
     return UserError(
         f"{where}: saving step {step} failed ({os_error.strerror or os_error}); {kept}"
