@@ -34,6 +34,8 @@ HYENA_FP32_BYTES_PER_CHANNEL = 24
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """The per-GPU memory estimate of a finetune, by part, and whether it fits."""
+
     params: int  # trainable parameters
     buffer_bytes: int
     weights_gb: float
@@ -81,6 +83,7 @@ def model_state_bytes_per_param(
 def activation_bytes(
     model: ModelConfig, context: int, micro_batch: int, precision: Dtype, checkpointing: bool
 ) -> float:
+    """Activation bytes per GPU for one micro-batch (with or without activation checkpointing)."""
     b = 2 if precision == Dtype.bfloat16 else 4
     d, f, v = model.hidden_size, model.mlp_inner_size, model.vocab_size
     per_block = [
@@ -133,12 +136,14 @@ def estimate_memory(
 
 
 def run_memory_estimate(run: RunConfig) -> MemoryEstimate:
+    """The memory estimate for this run's model, context, training settings and world size."""
     return estimate_memory(
         run.model, run.ckpt.context, run.train, run.cluster.world_size, run.cluster.gpu_memory_gb
     )
 
 
 def describe(est: MemoryEstimate) -> str:
+    """The estimate as one line (total and parts, in GiB)."""
     return (
         f"{est.total_gb:.1f} GiB per GPU (weights {est.weights_gb:.1f}, grads {est.grads_gb:.1f}, "
         f"optimizer {est.optimizer_gb:.1f}, buffers {est.buffers_gb:.2f}, activations "
