@@ -545,7 +545,9 @@ def test_cli_second_run_into_a_busy_folder_fails_and_ctrl_c_saves(base, tmp_path
     )  # fmt: skip
     try:
         wait_for_steps(out / "runs/busy/metrics.jsonl", proc, 2)
-        second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+        second = subprocess.run(  # refused at once; without the lock it would train on
+            cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300
+        )
         assert second.returncode == 2
         assert (
             one_error_line(second.stderr)

@@ -7,6 +7,7 @@ JSONL or FASTA, the run's text policy).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -162,17 +163,19 @@ def device_for_rank(device: torch.device) -> torch.device:
     return device
 
 
-def cpu_threads_for(device: torch.device, cfg: ModelConfig):
-    """On the CPU, one thread for narrow models (their ops are too small to split; 2 threads ran
-    a 200-token evo2_tiny forward ~30x slower on a busy 2-core machine); restored afterwards.
+@contextlib.contextmanager
+def cpu_threads_for(device: torch.device, cfg: ModelConfig) -> Iterator[None]:
+    """On the CPU, one thread for narrow models (hidden size below 1024: their ops are too small to
+    split; 2 threads ran a 200-token evo2_tiny forward ~30x slower on a busy 2-core machine, as
+    generate.cpu_threads found for decoding); the previous setting is restored afterwards.
     """
-    import contextlib
-
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    from evo2_hydra.generate import cpu_threads
-
-    return cpu_threads(0, cfg.hidden_size)
+    before = torch.get_num_threads()
+    if device.type == "cpu" and cfg.hidden_size < 1024:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def progress(total: int, desc: str):

@@ -54,11 +54,12 @@ def longest_sequence(
     overhead: float = 2 * GIB,
 ) -> int:
     """Tokens one sequence may have when scored in chunks on a device of `device_bytes`: what is
-    left after the weights, the CUDA context and one chunk's activations (twice, for allocator
+    left after the weights, the CUDA context and one chunk's activations (three times: bench_long
+    measured a chunk's working set at ~2.5x the per-token estimate, allocator
     slack), divided by the KV cache and the token ids (8 bytes) per token.
     """
     left = device_bytes - params * _bytes(dtype) - overhead
-    left -= 2 * chunk * activation_bytes_per_token(cfg, dtype)
+    left -= 3 * chunk * activation_bytes_per_token(cfg, dtype)
     return max(0, int(left // (kv_bytes_per_token(cfg, dtype) + 8)))
 
 

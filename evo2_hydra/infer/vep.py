@@ -340,7 +340,7 @@ def run_vep(run: RunConfig) -> Path:
         summary = {
             "task": "vep",
             **{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()},
-            "variants": len(variants),
+            "variants_read": len(variants),
             "scored": len(rows),
             "skipped_ref_mismatch": len(skipped),
             "seconds": seconds,
