@@ -41,6 +41,8 @@ def launched_externally() -> bool:
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the job: ranks, world size, device and backend."""
+
     rank: int
     local_rank: int
     world_size: int

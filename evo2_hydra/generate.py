@@ -70,7 +70,8 @@ def sample_next(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """One token per row of `logits [B, V]` (float32, CPU): greedy at temperature 0, else
-    temperature, then top-k, then top-p (nucleus) filtering, then a draw from `generator`."""
+    temperature, then top-k, then top-p (nucleus) filtering, then a draw from `generator`.
+    """
     logits = logits.float().masked_fill(~allowed, float("-inf"))
     if settings.temperature == 0 or settings.top_k == 1:
         return logits.argmax(dim=-1)
@@ -90,6 +91,8 @@ def sample_next(
 
 @dataclass
 class Generated:
+    """One generated sequence: its new tokens and whether it stopped at EOD."""
+
     tokens: list[int]  # new tokens, EOD excluded
     stopped_at_eod: bool
 
@@ -213,6 +216,7 @@ def describe_source(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> G
 
 
 def check_prompt(prompt: str, where: str = "generate.prompt") -> list[int]:
+    """Token ids of a prompt; a character outside printable ASCII is an error naming its position."""
     for position, char in enumerate(prompt):
         if ord(char) not in PRINTABLE:
             raise UserError(
@@ -231,7 +235,8 @@ def conditioned_prompt(
 ) -> list[int]:
     """Token ids the model is fed: the condition's token (if any), then the prompt (`prompt`, or
     else generate.prompt), as the run's text policy makes model input (upper-cased when it
-    trained upper-cased)."""
+    trained upper-cased).
+    """
     text = settings.prompt if prompt is None else prompt
     ids = check_prompt(text, where)
     if policy is not None:
@@ -271,7 +276,8 @@ def prompt_list(
     settings: GenerateConfig, source: GenerationSource, policy: TextPolicy
 ) -> list[tuple[object, str, list[int]]]:
     """(prompt id, prompt text, token ids) for generate.prompt, or for each record of the
-    generate.prompts file (JSONL or FASTA, read by `evo2_hydra.data.records`)."""
+    generate.prompts file (JSONL or FASTA, read by `evo2_hydra.data.records`).
+    """
     if not settings.prompts:
         return [(None, settings.prompt, conditioned_prompt(settings, source, policy))]
     if settings.prompt:
@@ -314,7 +320,8 @@ SMALL_MODEL_WIDTH = 1024  # below this hidden size, one token's ops are too smal
 def cpu_threads(requested: int, hidden_size: int) -> Iterator[None]:
     """Token-by-token decoding of a small model is dominated by thread hand-offs (evo2_tiny: 880
     tokens/s on 1 thread, 53 on 2, same machine): auto (0) uses 1 thread for narrow models.
-    The previous setting is restored afterwards (the caller may be a longer-lived process)."""
+    The previous setting is restored afterwards (the caller may be a longer-lived process).
+    """
     before = torch.get_num_threads()
     threads = requested or (1 if hidden_size < SMALL_MODEL_WIDTH else 0)
     if threads:
@@ -328,7 +335,8 @@ def cpu_threads(requested: int, hidden_size: int) -> Iterator[None]:
 
 def secondary_rank() -> int:
     """This process's rank when it is one of several tasks (e.g. cluster=slurm starts one per
-    GPU); 0 otherwise. Generation is one process's work: the others must not write the output."""
+    GPU); 0 otherwise. Generation is one process's work: the others must not write the output.
+    """
     for var in ("RANK", "SLURM_PROCID"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:

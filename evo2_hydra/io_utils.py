@@ -123,7 +123,8 @@ _TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file wri
 def write_failure_as_os_error(err: BaseException, path: str | os.PathLike) -> OSError | None:
     """The OSError that `err` (raised while writing under `path`) stands for, or None if it is
     no write failure: OSErrors get the path, torch's writer errors become ENOSPC when the disk
-    there is (nearly) full, else EIO."""
+    there is (nearly) full, else EIO.
+    """
     if isinstance(err, OSError):
         if err.filename is None and err.errno in _OUT_OF_ROOM:
             return OSError(err.errno, os.strerror(err.errno), str(path))
@@ -142,7 +143,8 @@ def write_failure_as_os_error(err: BaseException, path: str | os.PathLike) -> OS
 @contextlib.contextmanager
 def _name_the_destination(final: Path, always: bool = False) -> Iterator[None]:
     """Errors of writing `final` name `final` (with `always`, also OSErrors that name another
-    path, e.g. the temporary name or a parent folder)."""
+    path, e.g. the temporary name or a parent folder).
+    """
     try:
         yield
     except (OSError, RuntimeError) as err:
@@ -220,6 +222,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temporary name, then rename)."""
     with atomic_file(path) as tmp:
         tmp.write_text(text)
 
@@ -227,7 +230,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if needed): one process at a time builds a cache
-    entry that several ranks, sweep points or Slurm jobs ask for at once."""
+    entry that several ranks, sweep points or Slurm jobs ask for at once.
+    """
     lock = Path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:

@@ -30,6 +30,8 @@ from evo2_hydra.train.memory import (
 
 @dataclass
 class PlanSection:
+    """One section of the plan: a title, its text lines and its JSON data."""
+
     title: str
     lines: list[str] = field(default_factory=list)  # the text rendering
     data: dict[str, Any] = field(default_factory=dict)  # merged into the JSON object
@@ -185,10 +187,12 @@ SECTION_BUILDERS: list[Callable[[RunConfig], PlanSection]] = [_model_builder, me
 
 
 def build_plan(run: RunConfig) -> list[PlanSection]:
+    """Every plan section for this run, in report order."""
     return [builder(run) for builder in SECTION_BUILDERS]
 
 
 def render_text(sections: list[PlanSection]) -> str:
+    """The plan as text tables."""
     out: list[str] = []
     for section in sections:
         out += [f"== {section.title}", *section.lines, ""]
@@ -196,6 +200,7 @@ def render_text(sections: list[PlanSection]) -> str:
 
 
 def render_json(sections: list[PlanSection]) -> str:
+    """The plan as one JSON object (sections may not define the same keys)."""
     merged: dict[str, Any] = {}
     for section in sections:
         clash = set(merged) & set(section.data)

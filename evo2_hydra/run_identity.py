@@ -56,6 +56,7 @@ def identity(tree: dict) -> dict[str, Any]:
 
 
 def may_change_on_resume(key: str) -> bool:
+    """Whether an override may change when a run resumes (steps, cadences, cluster)."""
     return (
         key in RESUMABLE_CHANGES
         or key.startswith(RESUMABLE_PREFIXES)

@@ -80,10 +80,12 @@ def read_sequences(
 
 
 def tokenize(text: str) -> list[int]:
+    """Token ids of a sequence: its UTF-8 bytes (no BOS)."""
     return list(text.encode("utf-8"))
 
 
 def reverse_complement(text: str) -> str:
+    """Reverse complement of a DNA string (IUPAC codes and case kept)."""
     return text.translate(COMPLEMENT)[::-1]
 
 
@@ -123,6 +125,8 @@ def load_scoring_model(
 
 @dataclass
 class BatchScores:
+    """Scores of one batch: summed log-likelihoods, and per-position arrays when asked for."""
+
     sums: list[float]  # summed log-likelihood per sequence (nats, positions 1..L-1)
     log_probs: list[np.ndarray]  # per sequence `[L-1]` float32: log p(token_i | tokens_<i), i >= 1
     logits: list[np.ndarray] | None  # per sequence `[L, vocab]` float32, when asked for

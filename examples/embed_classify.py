@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 
 def main() -> None:
+    """Print the cross-validated accuracy of a logistic regression on the embeddings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("embeddings", type=Path)
     parser.add_argument("sequences", type=Path)

@@ -55,12 +55,14 @@ def sample_dna(chain: np.ndarray, batch: int, length: int, rng: np.random.Genera
 
 
 def tiny_config() -> ModelConfig:
+    """The evo2_tiny model config, read from conf/model/evo2_tiny.yaml."""
     raw = OmegaConf.load(REPO / "conf/model/evo2_tiny.yaml")
     raw.pop("defaults", None)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
 
 
 def main() -> None:
+    """Pretrain evo2_tiny on synthetic DNA and write the demo's base checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "examples/evo2_tiny_base")
     parser.add_argument("--context", type=int, default=512, help="width of the context filters")

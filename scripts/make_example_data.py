@@ -28,6 +28,7 @@ MOTIF = {"A": "CCGG", "B": "TTAA"}
 
 
 def make_sequence(rng: np.random.Generator, clade: str) -> str:
+    """One random sequence of a clade's composition."""
     length = int(rng.integers(100, 481))
     seq = list(rng.choice(BASES, size=length, p=COMPOSITION[clade]))
     for start in range(int(rng.integers(0, 40)), length - 4, 40):
@@ -36,6 +37,7 @@ def make_sequence(rng: np.random.Generator, clade: str) -> str:
 
 
 def write_split(path: Path, n: int, rng: np.random.Generator) -> None:
+    """Write `n` sequences, alternating clades, as JSONL."""
     with open(path, "w") as f:
         for i in range(n):
             clade = "A" if i % 2 == 0 else "B"
@@ -48,6 +50,7 @@ def write_split(path: Path, n: int, rng: np.random.Generator) -> None:
 
 
 def main() -> None:
+    """Regenerate examples/data/{train,valid}.jsonl."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--valid", type=int, default=60)

@@ -17,11 +17,13 @@ OUT = Path(__file__).resolve().parents[1] / "examples" / "vep"
 
 
 def contig(rng: random.Random, length: int, gc: float) -> str:
+    """A random contig of the given GC fraction."""
     weights = [(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2]
     return "".join(rng.choices("ACGT", weights=weights, k=length))
 
 
 def main() -> None:
+    """Write the VEP example's reference and variants."""
     rng = random.Random(7)
     seqs = {"chr1": contig(rng, 3000, 0.8), "chr2": contig(rng, 1500, 0.2)}
     OUT.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,8 @@ ENTRY = {
 
 @dataclass
 class Field:
+    """One schema field: name, annotation, default and its attribute docstring."""
+
     name: str
     annotation: str
     default: str
@@ -220,6 +222,7 @@ def outputs() -> dict[Path, str]:
 
 
 def main() -> int:
+    """Write (or with --check, compare) every generated file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail when a file is out of date")
     args = parser.parse_args()

@@ -30,7 +30,8 @@ def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
         with open_dict(cfg):
-            cfg.output_dir = str(tmp_path / "run")
+            if "output_dir" in cfg:  # launch.py's run folder (convert.py has none)
+                cfg.output_dir = str(tmp_path / "run")
             cfg.paths.output_root = str(tmp_path / "outputs")
         GlobalHydra.instance().clear()
         return cfg

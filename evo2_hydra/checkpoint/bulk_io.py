@@ -63,6 +63,7 @@ def totals() -> tuple[int, int]:
 
 
 def address_of(buffer: memoryview) -> int:
+    """Address of a buffer's first byte in this process (0 for an empty buffer)."""
     return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data) if buffer.nbytes else 0
 
 
@@ -157,7 +158,8 @@ class BulkFile:
     def _reserve(self, pos: int, n: int) -> None:
         """Allocate the file's blocks for [pos, pos + n) in one call (mode 0: the file grows to
         pos + n, which the write that follows fills). Skipped where the file system cannot; never
-        glibc's posix_fallocate, which emulates it by writing zeros."""
+        glibc's posix_fallocate, which emulates it by writing zeros.
+        """
         fallocate = _fallocate() if BulkFile.preallocate else None
         if fallocate is None or fallocate(self._fd, 0, pos, n) == 0:
             return

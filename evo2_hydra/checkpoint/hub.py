@@ -39,6 +39,8 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 @dataclass(frozen=True)
 class HubId:
+    """A parsed `hf://ORG/REPO[@REVISION][/FILE]` checkpoint id."""
+
     repo: str  # ORG/REPO
     revision: str | None  # branch, tag or commit; None = main
     filename: str | None  # path in the repo; None = the repo's one checkpoint
@@ -57,6 +59,8 @@ class HubId:
 
 @dataclass(frozen=True)
 class Resolved:
+    """A Hub id pinned to the commit its revision resolved to, and the file it names."""
+
     id: HubId  # as given
     commit: str  # the commit the revision resolved to
     filename: str  # the checkpoint's name in the repo (NAME.pt for a part set)
@@ -72,6 +76,7 @@ _resolved: dict[str, Resolved] = {}  # id string (as given, and pinned) -> resol
 
 
 def is_hub_id(path: Any) -> bool:
+    """Whether a path is a Hub id (`hf://...`)."""
     return isinstance(path, (str, Path)) and str(path).startswith(SCHEME)
 
 

@@ -105,7 +105,8 @@ _CHUNK = 1 << 24  # elements per pass: bounds the temporary to 64 MiB at most
 
 def all_finite(tensor: Tensor) -> bool:
     """No NaN/Inf in a float tensor, from its exponent bits in numpy (single-threaded integer
-    ops: about 20x faster than torch.isfinite on a busy CPU, and no bool copy of the tensor)."""
+    ops: about 20x faster than torch.isfinite on a busy CPU, and no bool copy of the tensor).
+    """
     int_dtype, mask = _EXPONENT[tensor.dtype]
     flat = tensor.detach().contiguous().reshape(-1).view(int_dtype).numpy()
     for start in range(0, flat.size, _CHUNK):

@@ -26,6 +26,7 @@ VORTEX_MARKERS = ("blocks.", "embedding_layer.", "unembed.", "norm.scale")
 
 
 def is_vortex_state(state: dict) -> bool:
+    """Whether a loaded state dict is a vortex file (flat `blocks.*` keys, no `module`)."""
     keys = [k for k in state if isinstance(k, str)]
     return bool(keys) and "module" not in state and all(k.startswith(VORTEX_MARKERS) for k in keys)
 
@@ -102,6 +103,7 @@ def lora_module(top: dict[str, Any], where: str, *, trust_pickle: bool = False) 
 
 
 def shard_shapes(shards: list[dict[str, Any]]) -> list[dict[str, tuple[int, ...]]]:
+    """Tensor shapes of each model-parallel shard's `module`."""
     return [
         {k: tuple(v.shape) for k, v in s["module"].items() if isinstance(v, Tensor)} for s in shards
     ]

@@ -31,6 +31,7 @@ CHECKSUM = "crc32 of each tensor's bytes"
 
 
 def tensor_entry(shape: Any, dtype: Any, crc32: str | None = None) -> dict[str, Any]:
+    """One manifest entry: shape, dtype (without `torch.`) and, when known, the CRC32."""
     entry: dict[str, Any] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
     if crc32 is not None:
         entry["crc32"] = crc32
@@ -106,6 +107,7 @@ def _file_digest(path: Path) -> str:
 
 
 def iter_files(root: Path) -> Iterator[Path]:
+    """Every file below a folder, sorted, except the manifest itself."""
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             yield path

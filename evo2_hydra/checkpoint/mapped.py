@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MappedFile:
+    """A memory-mapped file: where its bytes start in this process, its size and descriptor."""
+
     start: int  # address of the file's byte 0 in this process
     size: int  # bytes of the file (and of the mapping)
     fd: int  # the file, open for reading, for copy_file_range
@@ -251,5 +253,6 @@ def register_loaded_checkpoint(path: str | Path, obj: Any) -> bool:
 
 def tensor_crc32(tensor: torch.Tensor) -> str:
     """CRC32 of the tensor's bytes (row-major), as 8 hex digits (a `concat_rows` placeholder's
-    from its parts): the checksum every manifest records."""
+    from its parts): the checksum every manifest records.
+    """
     return f"{crc32_of(tensor.detach()):08x}"

@@ -79,6 +79,8 @@ NO_TE_NAMES = {
 
 @dataclass(frozen=True)
 class MegatronCheckpoint:
+    """A NeMo2 or Megatron-Bridge checkpoint folder as found on disk."""
+
     kind: str  # "nemo2" | "mbridge"
     root: Path  # the checkpoint folder as given
     weights: Path  # NeMo2 weights/ or MBridge iter_NNNNNNN/

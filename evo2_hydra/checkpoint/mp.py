@@ -95,6 +95,7 @@ def merged_shapes(
 
 
 def valid_mp_sizes(cfg: ModelConfig) -> list[int]:
+    """Model-parallel sizes that divide every partitioned dimension of this model."""
     dims = _partitioned_dims(cfg)
     return [
         m for m in range(1, cfg.num_attention_heads + 1) if all(v % m == 0 for v in dims.values())

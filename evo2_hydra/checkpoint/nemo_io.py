@@ -74,7 +74,8 @@ def _bulk_writer(base):
 
 def _bulk_file_system(base):
     """DCP's file system with `BulkFile` streams for writing: each tensor that torch.save puts
-    into a `.distcp` file unchanged from the memory-mapped source is copied file to file."""
+    into a `.distcp` file unchanged from the memory-mapped source is copied file to file.
+    """
 
     class BulkFileSystem(base):
         @contextlib.contextmanager
@@ -95,6 +96,7 @@ def write_torch_dist(
     extra_keys: list[str],
     on_tensor: Callable[[str, Tensor], None],
 ) -> None:
+    """Write the entries as a torch.distributed.checkpoint (torch_dist) folder, one tensor at a time."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -165,6 +167,7 @@ def write_zarr(
     extra_keys: list[str],
     on_tensor: Callable[[str, Tensor], None],
 ) -> None:
+    """Write the entries as zarr v2 arrays (Megatron <= 0.15), one tensor at a time."""
     # One array at a time, as torch_dist: the copies run in the kernel, the CRC32s (on_tensor)
     # on a second thread, and only the tensor being written is alive.
     for key, _, make in entries:
@@ -212,6 +215,7 @@ def write_nemo_checkpoint(
 
 
 def nemo_total_bytes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> int:
+    """Bytes of tensor data a NeMo export of these shapes writes (for the progress bar)."""
     total = 0
     for _, (shape, dtype), _ in savanna_to_nemo({}, cfg, shapes, cfg.hcm_filter_len):
         n = 1
@@ -274,6 +278,7 @@ def read_zarr_array(folder: Path) -> Tensor:
 
 
 def read_nemo_weights(weights_dir: Path, fmt: NemoFormat) -> dict[str, Any]:
+    """Read a NeMo weights folder (torch_dist or zarr) into a flat state dict."""
     if fmt == NemoFormat.torch_dist:
         return read_torch_dist(weights_dir)
     state: dict[str, Any] = {}

@@ -30,6 +30,7 @@ SCRATCH_THRESHOLD_BYTES = 64 << 20
 
 
 def is_context_key(key: str) -> bool:
+    """Whether a key is a context-dependent tensor (hcm filter.h / filter.decay, hcl filter.t)."""
     return key.endswith(CONTEXT_SUFFIXES)
 
 

@@ -264,4 +264,5 @@ def conversion_progress(total: int, desc: str, unit: str = "B") -> tqdm:
 
 
 def tensor_nbytes(t: Tensor) -> int:
+    """Bytes of a tensor's data."""
     return t.numel() * t.element_size()

@@ -277,7 +277,8 @@ def write_savanna_dir(
     tmp_out: Path, shards: Sequence[Mapping[str, Any]], *, iteration: int, **options: Any
 ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Fill `tmp_out` (an empty folder, renamed into place by the caller) with a save folder:
-    `global_stepN/` (`write_step`) and `latest`. Returns key -> (MP=1 shape, dtype) written."""
+    `global_stepN/` (`write_step`) and `latest`. Returns key -> (MP=1 shape, dtype) written.
+    """
     tag = step_tag(iteration)
     options.setdefault("allocator", ScratchAllocator(tmp_out))
     written = write_step(tmp_out / tag, shards, iteration=iteration, **options)
@@ -294,7 +295,8 @@ def save_module_checkpoint(
     run_config_yaml: str | None = None,
 ) -> Path:
     """Add `save_dir/global_step{iteration}` (one model-state file per MP rank in
-    `module_states`, written as given), then `latest`, atomically; returns the step folder."""
+    `module_states`, written as given), then `latest`, atomically; returns the step folder.
+    """
     extra = dict(extra or {})
     args = extra.pop("args", None)
 

@@ -70,10 +70,13 @@ LOG_TAIL_LINES = 15
 
 @dataclass
 class Evo2SlurmQueueConf(SlurmQueueConf):
+    """Hydra's Slurm launcher config, pointing at our launcher class."""
+
     _target_: str = "hydra_plugins.evo2_slurm_launcher.Evo2SlurmLauncher"
 
 
 def register_launcher() -> None:
+    """Store `hydra/launcher: evo2_slurm` in Hydra's ConfigStore."""
     ConfigStore.instance().store(
         group="hydra/launcher", name="evo2_slurm", node=Evo2SlurmQueueConf, provider="evo2_hydra"
     )
@@ -81,6 +84,8 @@ def register_launcher() -> None:
 
 @dataclass
 class SweepPoint:
+    """One point of a multirun: its overrides, validated config and run folder."""
+
     overrides: list[str]
     run: RunConfig
     output_dir: Path
@@ -130,6 +135,7 @@ def check_one_shape(master: DictConfig, points: Sequence[tuple[list[str], DictCo
 
 
 def check_launcher_mirrors(params: dict[str, Any], cluster: ClusterConfig) -> None:
+    """Refuse a `hydra.launcher.X` set directly where `cluster.*` is the one source of truth."""
     for launcher_key, cluster_key in MIRRORED.items():
         want = getattr(cluster, cluster_key)
         if launcher_key in params and params[launcher_key] != want:
@@ -181,6 +187,7 @@ def world_layout(cluster: ClusterConfig) -> list[str]:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last lines of a log file (none when it cannot be read)."""
     try:
         return path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
@@ -209,6 +216,8 @@ def failure_report(job_id: str, label: str, state: str, folder: Path, ntasks: in
 
 
 class Evo2SlurmLauncherBase(SlurmLauncher):
+    """The evo2_slurm launcher: one Slurm array per multirun, checked before anything is submitted."""
+
     def _load_point(self, overrides: list[str]) -> tuple[DictConfig, SweepPoint]:
         """Compose one sweep point as the job will, with its output folder filled in."""
         assert self.hydra_context is not None and self.config is not None
@@ -404,7 +413,8 @@ class _TimeLimitSignal:
     """Slurm sends USR2 `signal_delay_s` before the time limit (sbatch --signal). submitit would
     requeue at once from inside the handler (rank 0 only, mid-step, no checkpoint); instead we
     turn it into the SIGTERM training already handles on every rank (finish the step, save), and
-    requeue after training returned."""
+    requeue after training returned.
+    """
 
     def __init__(self) -> None:
         self.received = False

@@ -23,6 +23,8 @@ SITE_HINT = "set cluster.{key} in conf/local/default.yaml or export EVO2_SLURM_{
 
 @dataclass(frozen=True)
 class NodeInfo:
+    """What `sinfo` says one node has."""
+
     name: str
     cpus: int
     gpus: int  # GPUs in the node's GRES (0 when it has none)

@@ -45,6 +45,7 @@ LEGACY_SUFFIXES = ("mixer.hyena_proj_conv.short_conv_weight", "mixer.dense_proje
 
 
 def valid_mp_sizes(cfg: ModelConfig) -> list[int]:
+    """Model-parallel sizes that divide every partitioned dimension of this model."""
     dims = _partitioned_dims(cfg)
     return [
         m for m in range(1, cfg.num_attention_heads + 1) if all(v % m == 0 for v in dims.values())
@@ -81,6 +82,7 @@ def check_mp_size(cfg: ModelConfig, mp: int) -> None:
 
 
 def cast(key: str, value: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Cast a floating tensor to `dtype`, except the ones savanna keeps in float32."""
     if dtype is None or not value.is_floating_point() or key.endswith(KEEP_FLOAT32):
         return value
     return value.to(dtype)
@@ -112,6 +114,7 @@ def legacy_projection_keys(keys: Sequence[str]) -> frozenset[str]:
 
 
 def pad_mlp_tensor(key: str, value: Tensor, width: int | None) -> Tensor:
+    """Zero-pad an MLP weight to `width` (the 1M releases' layout); other tensors unchanged."""
     if width is None:
         return value
     if key.endswith(("mlp.w1.weight", "mlp.w2.weight")) and value.shape[0] < width:
@@ -233,7 +236,8 @@ def write_savanna_dir(
 
 def write_step_manifest(step: Path, modules: Sequence[Mapping[str, Any]]) -> None:
     """`global_stepN/manifest.json` in checkpoint/writer.py's format (its `verify_manifest` reads
-    it), from the CRC32s computed while streaming instead of a second read of every file."""
+    it), from the CRC32s computed while streaming instead of a second read of every file.
+    """
     files = {}
     for rank, module in enumerate(modules):
         name = mp_file_name(rank)

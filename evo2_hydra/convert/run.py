@@ -33,6 +33,7 @@ TARGETS: dict[TargetKind, str] = {
 
 
 def resolve_source(conv: ConvertConfig) -> Path:
+    """The checkpoint to convert: `source`, or the newest run under paths.output_root."""
     if conv.source is not None:
         return local_checkpoint_path(conv.source)  # a Hub id -> its cached file (hub.py)
     run = newest_run(Path(conv.paths.output_root))

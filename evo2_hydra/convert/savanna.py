@@ -17,6 +17,7 @@ from evo2_hydra.config import ConvertConfig
 
 
 def convert_savanna(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    """target=savanna: re-save through the streaming savanna writer (convert/targets.py)."""
     # Streaming writer of the conversion package: also MP split (target.mp), dtype cast,
     # ZeRO-3 and vortex sources, verify and the output manifest.
     from evo2_hydra.convert.targets import convert_savanna_streaming

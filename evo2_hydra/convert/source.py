@@ -31,6 +31,8 @@ log = logging.getLogger("evo2_hydra.convert")
 
 @dataclass
 class Source:
+    """A conversion source, memory-mapped: its shards, model, checkpoint settings and saved config."""
+
     location: CheckpointLocation | None  # None for a vortex file
     kind: str  # "savanna" | "zero3" | "vortex"
     shards: list[Mapping[str, Any]]  # one `module` mapping per model-parallel rank
@@ -103,14 +105,16 @@ def _cli_model_choice() -> str | None:
 
 def context_was_given() -> bool:
     """Whether `ckpt.context` is the user's choice: given on the command line, or the config
-    was built outside a Hydra run (a program passing a ConvertConfig means what it passes)."""
+    was built outside a Hydra run (a program passing a ConvertConfig means what it passes).
+    """
     overrides = _cli_overrides()
     return overrides is None or "ckpt.context" in overrides
 
 
 def keep_source_context(ckpt: CkptConfig, width: int | None, where: str) -> CkptConfig:
     """`ckpt` with `context` = the source's (its context-dependent tensors' width) unless the user
-    chose one: a conversion never resizes on a preset's default (issue #13 item 7)."""
+    chose one: a conversion never resizes on a preset's default (issue #13 item 7).
+    """
     if width is None or width == ckpt.context or context_was_given():
         return ckpt
     log.info("%s: keeping the source's context %d (give ckpt.context=N to resize)", where, width)
@@ -196,4 +200,5 @@ def load_source(conv: ConvertConfig, path: Path) -> Source:
 
 
 def shapes_of(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors in a state dict."""
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}

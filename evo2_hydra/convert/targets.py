@@ -82,6 +82,7 @@ def _verify(
 
 
 def write_vortex_file(path: Path, state: Mapping[str, Any], cfg: ModelConfig, progress) -> dict:
+    """Stream a vortex state dict into one .pt file; returns what was written per key."""
     written = {}
     with TorchSaveStream(path) as out:
         refs = {}
@@ -98,6 +99,7 @@ def write_vortex_file(path: Path, state: Mapping[str, Any], cfg: ModelConfig, pr
 
 
 def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    """target=vortex: export the source as the .pt + .yml that evo2/vtx load."""
     return_freed_memory_to_os()
     src = load_source(conv, source)
     if src.kind == "vortex":
@@ -136,6 +138,7 @@ def convert_vortex(conv: ConvertConfig, source: Path, output: Path) -> Path:
 
 
 def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
+    """target=nemo: export the source as a NeMo2 checkpoint folder."""
     return_freed_memory_to_os()
     src = load_source(conv, source)
     state = checked_state(src)
@@ -185,7 +188,8 @@ def convert_nemo(conv: ConvertConfig, source: Path, output: Path) -> Path:
 
 def with_context(run_config_yaml: str | None, context: int) -> str | None:
     """The source's saved run config, its `ckpt.context` set to what the tensors now are (the
-    text unchanged when it already agrees)."""
+    text unchanged when it already agrees).
+    """
     if run_config_yaml is None:
         return None
     saved = yaml.safe_load(run_config_yaml)

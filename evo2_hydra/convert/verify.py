@@ -33,6 +33,7 @@ PROBE = (
 
 
 def probe_ids(length: int | None = None) -> Tensor:
+    """The fixed DNA probe as token ids [1, L] (its first `length` tokens when given)."""
     ids = torch.tensor(list(PROBE.encode()), dtype=torch.long)
     return ids[:length].unsqueeze(0) if length else ids.unsqueeze(0)
 
@@ -45,6 +46,7 @@ def model_bytes(cfg: ModelConfig) -> int:
 
 
 def should_verify(requested: bool | None, cfg: ModelConfig) -> bool:
+    """Whether to verify: as requested, else when two float32 copies fit in available memory."""
     if requested is not None:
         return requested
     need = 2 * model_bytes(cfg)
@@ -75,6 +77,7 @@ def with_hcm_product(state: Mapping[str, Any], taps: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def probe_logits(state: Mapping[str, Any], cfg: ModelConfig, ids: Tensor) -> Tensor:
+    """float32 logits of the probe through our model loaded with `state`."""
     from evo2_hydra.model import build_model, load_into_model
 
     shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}

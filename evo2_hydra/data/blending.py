@@ -13,6 +13,8 @@ BLOCK = 1 << 16
 
 
 class BlendSchedule:
+    """savanna's deterministic greedy blending: which dataset each sample comes from."""
+
     def __init__(self, weights: list[float]):
         weights = np.asarray(weights, dtype=np.float64)
         if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:

@@ -36,6 +36,7 @@ MAX_REPORTED = 10
 
 
 def reverse_complement(seq: bytes) -> bytes:
+    """Reverse complement of a byte sequence (IUPAC codes and case kept)."""
     return seq.translate(COMPLEMENT)[::-1]
 
 
@@ -105,6 +106,8 @@ class EncodeSettings:
 
 @dataclass
 class EncodedChunk:
+    """One encoded chunk of input: token bytes, document lengths and what was skipped."""
+
     path: str
     tokens: bytes  # all documents' token bytes, EOD pieces included, unpadded
     lengths: np.ndarray  # int32 tokens per document (conditioning token and EOD included)
@@ -227,9 +230,9 @@ class DocumentEncoder:
 def encode_plain(
     texts: list[str], tokens: list[str] | None, settings: EncodeSettings
 ) -> tuple[bytes, np.ndarray] | None:
-    """The fast path: every text good under the policy, no window to cut, no transformation.
+    r"""The fast path: every text good under the policy, no window to cut, no transformation.
 
-    One join builds the whole buffer (EOD as a "\\x00" separator). None when anything needs the
+    One join builds the whole buffer (EOD as a "\x00" separator). None when anything needs the
     per-document path (which gives the same bytes, and the exact location of each problem).
     """
     if not texts or not settings.plain or not all(type(t) is str and t for t in texts):

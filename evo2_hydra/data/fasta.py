@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover
 
 
 def is_fasta(path: str) -> bool:
+    """Whether a path names a FASTA file (.fa/.fasta/.fna, optionally compressed)."""
     name = path.lower()
     for ext in COMPRESSED_SUFFIXES:
         if name.endswith(ext):
@@ -46,6 +47,8 @@ def is_fasta(path: str) -> bool:
 
 @dataclass
 class FastaRecord:
+    """One FASTA record: its number, id, description and sequence."""
+
     number: int  # 1-based record number in the file
     id: str  # the header up to the first whitespace
     description: str  # the rest of the header line
@@ -68,7 +71,8 @@ def _line_of(consumed_lines: int, block: bytes, offset: int) -> int:
 def check_file(path: str) -> int:
     """One pass over the bytes: readable, gzip when it says so (and intact), starts with a
     header, holds no NUL byte. Returns the (uncompressed) size; raises UserError naming the
-    file (and line)."""
+    file (and line).
+    """
     try:
         with open(path, "rb") as f:
             magic = f.read(2)
@@ -112,7 +116,8 @@ def check_file(path: str) -> int:
 
 def iter_records(path: str, *, checked: bool = False) -> Iterator[FastaRecord]:
     """Records of `path` in file order. An empty id is an error here; an empty sequence is
-    yielded (the caller decides: preprocessing may skip it, scoring cannot)."""
+    yielded (the caller decides: preprocessing may skip it, scoring cannot).
+    """
     import pyfastx
 
     if not checked:
@@ -141,7 +146,8 @@ def iter_records(path: str, *, checked: bool = False) -> Iterator[FastaRecord]:
 
 def _condition_token(record: FastaRecord, settings, pattern) -> tuple[bytes, str | None]:
     """(the conditioning token's byte, or a problem) of one record: from its header
-    (data.condition.header_regex) or its id (data.condition.tsv)."""
+    (data.condition.header_regex) or its id (data.condition.tsv).
+    """
     if pattern is not None:
         match = pattern.search(record.header)
         if match is None:

@@ -1,7 +1,7 @@
-"""savanna's MMapIndexedDataset (.bin/.idx) format: a streaming writer and a memory-mapped reader.
+r"""savanna's MMapIndexedDataset (.bin/.idx) format: a streaming writer and a memory-mapped reader.
 
 Byte layout (spec savanna.md §4.5, all little-endian):
-  .idx  magic b"MMIDIDX\\x00\\x00" | version <Q = 1 | dtype code <B | n_items <Q | n_docs+1 <Q |
+  .idx  magic b"MMIDIDX\x00\x00" | version <Q = 1 | dtype code <B | n_items <Q | n_docs+1 <Q |
         sizes int32[n_items] | pointers int64[n_items] (byte offset of each item in .bin) |
         doc_idx int64[n_docs+1]
   .bin  the token arrays of all items, concatenated.
@@ -33,10 +33,12 @@ HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # = 34
 
 
 def data_file_path(prefix: str | Path) -> Path:
+    """The .bin file of a BIN/IDX prefix."""
     return Path(f"{prefix}.bin")
 
 
 def index_file_path(prefix: str | Path) -> Path:
+    """The .idx file of a BIN/IDX prefix."""
     return Path(f"{prefix}.idx")
 
 
@@ -49,6 +51,7 @@ def strip_extension(path: str) -> str:
 
 
 def is_indexed_prefix(path: str) -> bool:
+    """Whether a path (with or without .bin/.idx) names an existing BIN/IDX pair."""
     prefix = strip_extension(path)
     return data_file_path(prefix).is_file() and index_file_path(prefix).is_file()
 

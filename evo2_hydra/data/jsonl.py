@@ -1,8 +1,8 @@
-"""Streaming JSONL reading and per-chunk encoding to tokens, with line-numbered problems.
+r"""Streaming JSONL reading and per-chunk encoding to tokens, with line-numbered problems.
 
 The input is read in newline-aligned chunks of about 1 MiB. A chunk of plain documents is parsed
 by a single orjson call (its lines joined into one JSON array) and its texts joined into one token
-buffer in one go, an EOD being a "\\x00" separator; anything unusual in a chunk sends it through
+buffer in one go, an EOD being a "\x00" separator; anything unusual in a chunk sends it through
 the line-by-line path, which gives the same bytes plus the exact line number of each problem. Either
 way the work is a handful of C-level passes per chunk (never per character in Python), and chunks
 are independent, which lets `preprocess` farm them out to worker processes.
@@ -33,11 +33,14 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
 
 def is_jsonl(path: str) -> bool:
+    """Whether a path names a JSONL file (.jsonl or .jsonl.gz)."""
     return path.endswith(JSONL_SUFFIXES)
 
 
 @dataclass
 class Chunk:
+    """A newline-aligned piece of a JSONL file, with its position for line numbers."""
+
     path: str
     data: bytes  # whole lines
     consumed: int  # input bytes (compressed for .gz) read from the file when this chunk was cut
@@ -122,7 +125,8 @@ def iter_chunks(path: str, chunk_bytes: int = 8 << 20) -> Iterator[Chunk]:
 
 def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
     """Read ahead in a background thread (file reads and zlib release the GIL, so reading the
-    next chunk overlaps with encoding this one). Errors surface in the consumer."""
+    next chunk overlaps with encoding this one). Errors surface in the consumer.
+    """
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()

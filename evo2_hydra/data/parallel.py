@@ -35,6 +35,8 @@ from evo2_hydra.data.tokenizer import DISK_DTYPE
 
 @dataclass
 class ChunkTask:
+    """A byte range of an input file for one worker process to encode."""
+
     path: str
     start: int
     end: int

@@ -41,6 +41,8 @@ CACHE_VERSION = 2  # bump when the encoding changes, so old cache folders are no
 
 @dataclass
 class DatasetSpec:
+    """One BIN/IDX dataset of a split, with its blending weight and document range."""
+
     prefix: str  # BIN/IDX prefix (without .bin/.idx)
     weight: float | None = None  # blending weight; None = in proportion to its size
     documents: tuple[int, int] | None = None  # [lo, hi) document range (data.split); None = all
@@ -48,6 +50,8 @@ class DatasetSpec:
 
 @dataclass
 class PreparedData:
+    """The prepared train/valid/test datasets and the run's conditioning tokens."""
+
     train: list[DatasetSpec]
     valid: list[DatasetSpec] = field(default_factory=list)
     test: list[DatasetSpec] = field(default_factory=list)
@@ -92,7 +96,8 @@ def split_documents(n_docs: int, split: str) -> list[tuple[int, int]]:
 def file_digest(path: str, cache_dir: Path) -> str:
     """sha256 of the file's bytes, memoised by (path, device, inode, size, mtime, ctime) so reruns
     skip re-reading. ctime is set by the kernel on every write and cannot be set back by the
-    user (`touch -d` changes mtime only), so a rewritten file never matches its old entry."""
+    user (`touch -d` changes mtime only), so a rewritten file never matches its old entry.
+    """
     stat = os.stat(path)
     stamp = "\0".join(
         str(v)

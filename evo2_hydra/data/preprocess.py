@@ -66,6 +66,7 @@ def output_prefix_for(output_prefix: str, text_key: str = "text") -> str:
 
 
 def conditions_path(output_prefix: str) -> Path:
+    """Where the conditioning mapping of a preprocessed prefix is written."""
     return Path(f"{output_prefix}_conditions.json")
 
 
@@ -76,7 +77,8 @@ def is_sequence_file(path: str) -> bool:
 
 def resolved_window(data: DataConfig, context: int) -> int | None:
     """data.window in tokens; 0 = as long as the context allows after the conditioning token and
-    the EOD."""
+    the EOD.
+    """
     if data.window != 0:
         return data.window
     return context - int(data.condition.enabled) - int(data.append_eod)
@@ -84,7 +86,8 @@ def resolved_window(data: DataConfig, context: int) -> int | None:
 
 def read_condition_tsv(path: str) -> dict[str, str]:
     """data.condition.tsv: `id<TAB>class` per line (blank lines and lines starting with # are
-    skipped); one line naming file and line for anything else."""
+    skipped); one line naming file and line for anything else.
+    """
     mapping: dict[str, str] = {}
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -105,6 +108,7 @@ def read_condition_tsv(path: str) -> dict[str, str]:
 
 
 def encode_settings(data: DataConfig, context: int) -> EncodeSettings:
+    """The settings that decide the tokens, from the data config and context."""
     cond = data.condition
     return EncodeSettings(
         text_key=data.text_key,
@@ -159,6 +163,8 @@ def check_inputs(inputs: list[str], settings: EncodeSettings, key: str = "data.i
 
 @dataclass
 class PreprocessSummary:
+    """What a preprocessing run did: counts, lengths, padding, truncated and skipped lines."""
+
     output: str  # the BIN/IDX prefix
     sequences: int = 0
     tokens: int = 0  # document tokens (conditioning tokens and EODs included, padding excluded)
@@ -457,6 +463,7 @@ preprocess_jsonl = preprocess_files  # the name benchmarks and older callers use
 
 
 def summary_path(output_prefix: str) -> Path:
+    """Where the summary of a preprocessed prefix is written."""
     return Path(f"{output_prefix}_summary.json")
 
 
@@ -487,7 +494,8 @@ def _file_crc(path: Path) -> int:
 
 def pair_fingerprint(bin_path: Path, idx_path: Path) -> dict:
     """Sizes and CRC32s of a .bin/.idx pair (CRC32 at several GB/s: a small cost next to the
-    encoding), so a summary can say which pair it describes."""
+    encoding), so a summary can say which pair it describes.
+    """
     return {
         "bin_bytes": Path(bin_path).stat().st_size,
         "idx_bytes": Path(idx_path).stat().st_size,
@@ -541,6 +549,7 @@ def save_conditions(output_prefix: str, field_name: str | None, tokens: dict[str
 
 
 def load_conditions(output_prefix: str) -> dict[str, str]:
+    """The conditioning mapping written next to a preprocessed prefix ({} when none)."""
     path = conditions_path(output_prefix)
     if not path.is_file():
         return {}

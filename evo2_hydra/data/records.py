@@ -35,6 +35,8 @@ FORMATS = "JSONL (.jsonl[.gz]) or FASTA (.fa/.fasta/.fna/.fas[.gz])"
 
 @dataclass
 class SequenceRecord:
+    """One sequence read for inference: position, id and the checked model input."""
+
     index: int  # 0-based position among the file's records (skipped ones included)
     id: object  # FASTA: the record id; JSONL: the `id` value (None when absent)
     text: str  # model input: checked and normalised by the text policy
@@ -42,6 +44,7 @@ class SequenceRecord:
 
 
 def is_sequence_file(path: str) -> bool:
+    """Whether a path names a JSONL or FASTA file."""
     return is_jsonl(path) or is_fasta(path)
 
 

@@ -40,7 +40,7 @@ ALLOWED = {Charset.printable: PRINTABLE, Charset.iupac: IUPAC}
 
 
 def describe_char(char: str) -> str:
-    """'é' (U+00E9), '\\x00' (byte 0 = the EOD token), ..."""
+    r"""'é' (U+00E9), '\x00' (byte 0 = the EOD token), ..."""
     code = ord(char)
     name = unicodedata.name(char, "") or ("control byte" if code < 128 else f"U+{code:04X}")
     special = f" = {SPECIAL[code]}" if code in SPECIAL else ""
@@ -49,6 +49,8 @@ def describe_char(char: str) -> str:
 
 @dataclass(frozen=True)
 class TextPolicy:
+    """The text policy a run trained with: alphabet, charset and upper-casing."""
+
     alphabet: Alphabet = Alphabet.error
     charset: Charset = Charset.printable
     upper: bool = True  # model inputs are upper-cased (the run trained with data.to_upper != none)
@@ -123,7 +125,8 @@ class TextPolicy:
 
 def upper_ascii(text: str) -> str:
     """a-z -> A-Z and nothing else (str.upper would also change non-ASCII letters, e.g. ß -> SS,
-    which changes the length; training upper-cases token ids 97..122 only)."""
+    which changes the length; training upper-cases token ids 97..122 only).
+    """
     if text.isascii():
         return text.upper()
     return text.translate(_ASCII_UPPER)
@@ -142,7 +145,8 @@ def upper_ids(ids: list[int]) -> list[int]:
 
 def _saved_data_section(ckpt_path: str) -> tuple[dict | None, Path | None]:
     """The `data` section of the run config saved with one of our checkpoints, if any (read by
-    the checkpoint package's safe reader: size limit, no YAML aliases)."""
+    the checkpoint package's safe reader: size limit, no YAML aliases).
+    """
     from evo2_hydra.checkpoint import locate_checkpoint
     from evo2_hydra.checkpoint.run_dir import read_saved_run
 

@@ -1,2 +1,3 @@
 """Inference tasks on trained checkpoints: embeddings (`task=embed`), variant effects
-(`task=vep`), and what they share with `task=score` (chunked exact forwards, sharding)."""
+(`task=vep`), and what they share with `task=score` (chunked exact forwards, sharding).
+"""

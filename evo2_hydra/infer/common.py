@@ -35,6 +35,8 @@ PAD_ID = 1  # CharLevelTokenizer pad; right padding never reaches earlier positi
 
 @dataclass
 class Record:
+    """One input sequence of score/embed/vep, in input order."""
+
     index: int  # position in the input (0-based), the order outputs keep
     id: object
     text: str
@@ -49,7 +51,8 @@ def read_records(
 ) -> list[Record]:
     """Every sequence of the input (JSONL or FASTA, plain or gzip) as model input under the
     run's text policy (`policy_for_checkpoint`), validated before any work; errors name the file
-    and line or record (`evo2_hydra.data.records`)."""
+    and line or record (`evo2_hydra.data.records`).
+    """
     from evo2_hydra.data.records import read_sequences
 
     records, skipped = read_sequences(
@@ -94,7 +97,8 @@ class Source:
 
 def describe(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> Source:
     """Model and context from our run's saved config when `ckpt.path` is one of our runs, else
-    from the command line (as `task=generate` reads them)."""
+    from the command line (as `task=generate` reads them).
+    """
     from evo2_hydra.generate import describe_source
 
     src = describe_source(ckpt, model, data)
@@ -103,7 +107,8 @@ def describe(ckpt: CkptConfig, model: ModelConfig, data: DataConfig) -> Source:
 
 def run_folder_of(path: str | None) -> Path | None:
     """The run folder when `path` is one of our runs (a folder with checkpoints/ whose step
-    folders carry configs/config.yaml), or a step folder / file inside one."""
+    folders carry configs/config.yaml), or a step folder / file inside one.
+    """
     if not path:
         return None
     from evo2_hydra.checkpoint import locate_checkpoint
@@ -124,7 +129,8 @@ def output_folder(
     """`explicit` (must not exist or be empty), else `<run folder>/<task>/<time>` for our runs.
 
     Several processes (`sharded`) need an explicit folder: they all write into it, and a re-run
-    into the same folder resumes; there the merge itself refuses an existing output."""
+    into the same folder resumes; there the merge itself refuses an existing output.
+    """
     if sharded and not explicit:
         raise UserError(
             f"task={task} with several processes needs {key}: the folder every rank shares "
@@ -161,7 +167,8 @@ def device_for_rank(device: torch.device) -> torch.device:
 def cpu_threads_for(device: torch.device, cfg: ModelConfig) -> Iterator[None]:
     """On the CPU, one thread for narrow models (hidden size below 1024: their ops are too small to
     split; 2 threads ran a 200-token evo2_tiny forward ~30x slower on a busy 2-core machine, as
-    generate.cpu_threads found for decoding); the previous setting is restored afterwards."""
+    generate.cpu_threads found for decoding); the previous setting is restored afterwards.
+    """
     before = torch.get_num_threads()
     if device.type == "cpu" and cfg.hidden_size < 1024:
         torch.set_num_threads(1)
@@ -184,6 +191,7 @@ def progress(total: int, desc: str):
 
 
 def pad_batch(tokens: list[list[int]], device: torch.device) -> Tensor:
+    """Right-pad token lists with PAD into one [B, L] tensor on `device`."""
     longest = max(len(t) for t in tokens)
     ids = torch.full((len(tokens), longest), PAD_ID, dtype=torch.long)
     for row, seq in enumerate(tokens):
@@ -221,7 +229,8 @@ def run_chunks(
 
 def next_token_log_probs(logits: Tensor, ids: Tensor, start: int, stop: int) -> Tensor:
     """`[B, n]` float32 log p(ids[:, i+1] | ids[:, :i+1]) for positions start..stop-1 that have a
-    next token (the last position of the sequence has none)."""
+    next token (the last position of the sequence has none).
+    """
     end = min(stop, ids.shape[1] - 1)
     if end <= start:
         return logits.new_zeros(ids.shape[0], 0)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def layer_file(name: str) -> str:
+    """File name of one layer's embeddings."""
     return f"{name}.npy"
 
 

@@ -20,6 +20,7 @@ BLOCK_RE = re.compile(r"^blocks\.(\d+)(\.mlp(\.l3)?)?$")
 
 
 def valid_names(cfg: ModelConfig) -> str:
+    """The layer names embed.layers accepts for this model, for error messages."""
     last = cfg.num_layers - 1
     return (
         f"embedding_layer, blocks.0 .. blocks.{last}, blocks.0.mlp.l3 .. blocks.{last}.mlp.l3 "

@@ -33,6 +33,7 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def activation_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Activation bytes per token of one forward (the largest block), for choosing chunk sizes."""
     b, d, f = _bytes(dtype), cfg.hidden_size, cfg.mlp_inner_size
     hyena = b * 6 * d + 100 * d
     mlp = b * (2 * d + 3 * f)
@@ -40,6 +41,7 @@ def activation_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of attention keys and values cached per token."""
     return cfg.layer_types().count("attention") * 2 * cfg.hidden_size * _bytes(dtype)
 
 
@@ -54,7 +56,8 @@ def longest_sequence(
     """Tokens one sequence may have when scored in chunks on a device of `device_bytes`: what is
     left after the weights, the CUDA context and one chunk's activations (three times: bench_long
     measured a chunk's working set at ~2.5x the per-token estimate, allocator
-    slack), divided by the KV cache and the token ids (8 bytes) per token."""
+    slack), divided by the KV cache and the token ids (8 bytes) per token.
+    """
     left = device_bytes - params * _bytes(dtype) - overhead
     left -= 3 * chunk * activation_bytes_per_token(cfg, dtype)
     return max(0, int(left // (kv_bytes_per_token(cfg, dtype) + 8)))
@@ -69,6 +72,7 @@ def forward_bytes(cfg: ModelConfig, batch: int, length: int, chunk: int, dtype: 
 
 
 def free_bytes(device: torch.device) -> int:
+    """Free memory on a device (GPU: CUDA's count; CPU: available RAM)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -90,7 +94,8 @@ def choose_chunk_tokens(
     available: int | None = None,
 ) -> int:
     """0 (unchunked) when the whole forward fits, else the chunk length that fits; one line
-    naming the sizes when even the KV cache alone does not fit."""
+    naming the sizes when even the KV cache alone does not fit.
+    """
     free = free_bytes(device) if available is None else available
     if forward_bytes(cfg, batch, length, 0, dtype) <= UNCHUNKED_SHARE * free:
         return 0

@@ -29,6 +29,7 @@ Merge = Callable[[list[Path], Path], None]  # (shard folders in input order, out
 
 
 def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: from torchrun/Slurm variables, else (0, 1)."""
     from evo2_hydra.distributed import SINGLE_MARKER
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not os.environ.get(SINGLE_MARKER):
@@ -45,14 +46,17 @@ def share(items: Sequence[Any], rank: int, world: int) -> Sequence[Any]:
 
 
 def shards_folder(output: Path) -> Path:
+    """The hidden folder next to `output` where ranks write their shards."""
     return output.parent / f".{output.name}.shards"
 
 
 def shard_path(output: Path, rank: int, world: int) -> Path:
+    """One rank's shard folder."""
     return shards_folder(output) / f"{rank:05d}-of-{world:05d}"
 
 
 def needs_local_spawn(cluster: ClusterConfig) -> bool:
+    """Whether cluster=local with several tasks must spawn its ranks here."""
     from evo2_hydra.distributed import launched_externally
 
     return cluster.kind == ClusterKind.local and cluster.tasks > 1 and not launched_externally()
@@ -118,6 +122,7 @@ def merge_when_complete(output: Path, world: int, merge: Merge) -> bool:
 
 
 def merge_jsonl(shards: list[Path], name: str, target: Path) -> None:
+    """Concatenate one JSONL file of every shard, in rank order, into `target`."""
     with (target / name).open("w") as out:
         for shard in shards:
             out.write((shard / name).read_text())

@@ -20,6 +20,8 @@ DNA = re.compile(r"^[ACGTNacgtn]+$")
 
 @dataclass(frozen=True)
 class Variant:
+    """One variant: chromosome, 1-based position, REF and ALT, in input order."""
+
     index: int  # input order (0-based)
     chrom: str
     pos: int  # 1-based, as in VCF
@@ -33,7 +35,8 @@ class Variant:
 
 def open_reference(path: str, index_dir: Path):
     """pysam.FastaFile on `path`; an index next to the file is used, else one is built in
-    `index_dir` (the user's folder is never written to). Plain gzip is refused (no random access)."""
+    `index_dir` (the user's folder is never written to). Plain gzip is refused (no random access).
+    """
     import pysam
 
     source = Path(path)

@@ -75,7 +75,8 @@ def build_sites(
 
     Windows become model input under the run's text policy (`policy`): upper-cased when the run
     trained upper-cased (soft-masked lowercase repeats score as the model saw them in training),
-    characters outside data.charset per data.alphabet (skip: the variants there are skipped)."""
+    characters outside data.charset per data.alphabet (skip: the variants there are skipped).
+    """
     contigs = dict(zip(fasta.references, fasta.lengths))
     sites: dict[tuple[str, int], Site] = {}
     skipped: list[tuple[Variant, str]] = []
@@ -131,6 +132,7 @@ def build_sites(
 
 
 def alt_window(site: Site, v: Variant) -> str:
+    """The variant's window with REF replaced by ALT."""
     k = site.offset
     return site.window[:k] + v.alt + site.window[k + len(v.ref) :]
 
@@ -271,6 +273,7 @@ def _format(value) -> str:
 
 
 def write_rows(rows: list[dict], path: Path, rc: bool) -> None:
+    """Write the variant scores as TSV (with the reverse-complement columns when requested)."""
     columns = COLUMNS + (RC_COLUMNS if rc else [])
     lines = ["\t".join(columns)]
     lines += [

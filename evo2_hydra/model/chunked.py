@@ -58,7 +58,8 @@ MASK_ELEMENTS = 1 << 26
 
 def new_cache(capacity: int = 0) -> InferenceCache:
     """An empty cache (position 0); layers are filled by the first chunk. `capacity` presizes the
-    attention buffers (tokens); they grow when a later chunk needs more."""
+    attention buffers (tokens); they grow when a later chunk needs more.
+    """
     return InferenceCache(position=0, max_length=capacity)
 
 
@@ -198,7 +199,8 @@ def forward_chunk(
     logits: bool = True,
 ) -> Tensor | None:
     """Run the next `input_ids [B, l]` tokens; advances `cache`; returns logits `[B, l, V]`
-    (None with `logits=False`, when only captured hidden states are wanted)."""
+    (None with `logits=False`, when only captured hidden states are wanted).
+    """
     position = cache.position
     if position and len(cache.layers) != model.num_layers:
         raise ValueError("cache does not belong to this model")
@@ -239,7 +241,8 @@ def chunk_spans(length: int, chunk_tokens: int | None) -> Iterator[tuple[int, in
 
 def clone_cache(cache: InferenceCache, batch: int | None = None) -> InferenceCache:
     """An independent copy (optionally repeated to `batch` rows from a batch-1 cache): a shared
-    prefix is run once and continued several ways (variant windows)."""
+    prefix is run once and continued several ways (variant windows).
+    """
 
     def copy(t: Tensor) -> Tensor:
         if batch is None:

@@ -54,6 +54,8 @@ class FirState:
 
 @dataclass
 class HyenaLayerCache:
+    """Decoding state of one Hyena layer: featurizer FIR state and operator state."""
+
     featurizer: FirState  # pre-conv projections [B, 2, 3D]
     operator: object  # FirState (hcs, hcm) or ModalState (hcl)
 
@@ -69,6 +71,8 @@ class ModalState:
 
 @dataclass
 class AttentionLayerCache:
+    """Decoding state of one attention layer: rotated keys and values so far."""
+
     keys: Tensor  # [B, heads, max_length, head_dim], rotated
     values: Tensor  # [B, heads, max_length, head_dim]
 

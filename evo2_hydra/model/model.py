@@ -50,6 +50,8 @@ class Placeholder(nn.Module):
 
 
 class Embedding(nn.Module):
+    """savanna's `sequential.0`: the token embedding (tied to the output head)."""
+
     def __init__(self, vocab: int, dim: int) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab, dim, _weight=torch.empty(vocab, dim))
@@ -59,6 +61,8 @@ class Embedding(nn.Module):
 
 
 class FinalNorm(nn.Module):
+    """savanna's final norm block (`sequential.{N+3}.norm`)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.norm = RMSNorm(dim, eps)
@@ -91,6 +95,7 @@ class Block(nn.Module):
 
 
 def make_mixer(cfg: ModelConfig, kind: str, context: int) -> nn.Module:
+    """The mixer of one layer: attention or a Hyena operator (hcs, hcm, hcl)."""
     dim = cfg.hidden_size
     if kind == "attention":
         return AttentionMixer(dim, cfg.num_attention_heads, cfg.rope_scaling_factor)

@@ -36,6 +36,7 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 
 def is_ignored(key: str) -> bool:
+    """Whether a checkpoint key is ignored on load (TransformerEngine extra state)."""
     return key.endswith(IGNORED_SUFFIXES)
 
 

@@ -17,6 +17,8 @@ from evo2_hydra.errors import UserError
 
 @dataclass(frozen=True)
 class BatchPlan:
+    """How samples are split over ranks and micro-steps for one optimizer step."""
+
     world_size: int  # processes in the job
     model_parallel: int  # processes sharing one model replica (1: no tensor parallelism)
     data_parallel: int  # model replicas = world_size / model_parallel

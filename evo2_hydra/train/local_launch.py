@@ -29,7 +29,8 @@ STOP_GRACE_S = 5.0  # after a second Ctrl-C, how long ranks get to stop before S
 
 def _detach_from_terminal_signals() -> None:
     """Own process group (a terminal's Ctrl-C goes to the parent only, which forwards it once)
-    and SIGTERM when the parent dies (so a killed launcher never leaves ranks training on)."""
+    and SIGTERM when the parent dies (so a killed launcher never leaves ranks training on).
+    """
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     with contextlib.suppress(Exception):
@@ -101,7 +102,8 @@ def _run_ranks(
     world: int, target: Callable[[Any], Any], arg: Any
 ) -> tuple[dict[int, tuple[str, Any]], dict[str, int | None], bool]:
     """Start the ranks, forward signals, collect (rank -> (status, value)), exit codes, and
-    whether a second Ctrl-C stopped them at once."""
+    whether a second Ctrl-C stopped them at once.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

@@ -34,6 +34,8 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class LoopResult:
+    """How the training loop ended: last step, last saved step, and what stopped it."""
+
     last_step: int  # optimizer steps done when the loop ended
     last_saved_step: int | None  # step of the newest checkpoint written or resumed from
     stopped_by: str | None = None  # "SIGTERM" when a signal ended the run early
@@ -122,6 +124,8 @@ def evaluate(engine, batches: list[dict], loss_fn: Callable, device: torch.devic
 
 @dataclass
 class LoopSettings:
+    """The loop's fixed settings: steps, accumulation, cadences."""
+
     total_steps: int
     grad_accum: int
     tokens_per_step: int  # global tokens per optimizer step (padding included)

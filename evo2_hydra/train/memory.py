@@ -76,6 +76,8 @@ MICRO_BATCH_ONE_FACTOR = 1.1
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """The per-GPU memory estimate of a finetune, by part, and whether it fits."""
+
     params: int  # all parameters of the model
     buffer_bytes: int
     weights_gb: float
@@ -189,6 +191,7 @@ def activation_bytes(
     checkpointing: bool,
     lora_rank_per_token: int = 0,
 ) -> float:
+    """Activation bytes per GPU for one micro-batch (with or without activation checkpointing)."""
     b = 2 if precision == Dtype.bfloat16 else 4
     d, f, v = model.hidden_size, model.mlp_inner_size, model.vocab_size
     per_block = [
@@ -299,6 +302,7 @@ def estimate_memory(
 
 
 def run_memory_estimate(run: RunConfig) -> MemoryEstimate:
+    """The memory estimate for this run's model, context, training settings and world size."""
     return estimate_memory(
         run.model,
         run.ckpt.context,
@@ -312,6 +316,7 @@ def run_memory_estimate(run: RunConfig) -> MemoryEstimate:
 
 
 def describe(est: MemoryEstimate) -> str:
+    """The estimate as one line (total and parts, in GiB)."""
     live = f", gathered {est.live_gb:.1f}" if est.live_gb else ""
     host = f"; {est.host_gb:.1f} GiB offloaded per node" if est.host_gb else ""
     return (

@@ -41,6 +41,7 @@ def memory_gb(device: torch.device) -> float:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl ([] when there is none)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []

@@ -179,7 +179,8 @@ class AnnealingLR(torch.optim.lr_scheduler.LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume: take the schedule and position from the checkpoint (savanna forces
-        `use_checkpoint_lr_scheduler` when resuming), then re-apply the lr of that step."""
+        `use_checkpoint_lr_scheduler` when resuming), then re-apply the lr of that step.
+        """
         self.start_lr = state_dict["start_lr"]
         self.warmup_iter = state_dict["warmup_iter"]
         self.end_iter = state_dict["end_iter"]

@@ -44,12 +44,14 @@ RUN_CONFIG = "config.yaml"
 
 
 def config_yaml(run: RunConfig) -> str:
+    """The run config as the YAML saved in the run folder."""
     return OmegaConf.to_yaml(OmegaConf.structured(run))
 
 
 def config_differences(saved: dict, run: RunConfig) -> list[str]:
     """Keys (with both values) where the run folder's config and this run's config differ,
-    among the settings that define a run (run_identity: not steps, cadence, cluster, cache)."""
+    among the settings that define a run (run_identity: not steps, cadence, cluster, cache).
+    """
     before = identity(saved or {})
     now = identity(yaml.safe_load(config_yaml(run)))
     return [
@@ -436,7 +438,8 @@ def finetune_this_rank(run: RunConfig) -> dict:
 
 def check_inputs(run: RunConfig) -> None:
     """The cheap checks of the training inputs (the files exist), before the run folder is
-    judged: a typo in data.input is reported as such, not as a folder conflict."""
+    judged: a typo in data.input is reported as such, not as a folder conflict.
+    """
     from evo2_hydra.config import DataConfig
     from evo2_hydra.data.indexed import is_indexed_prefix
     from evo2_hydra.data.preprocess import is_sequence_file

@@ -35,14 +35,17 @@ STAGING = ".staging"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """The checkpoints folder of a run folder."""
     return Path(run_dir) / RUN_CHECKPOINT_SUBDIR
 
 
 def step_tag(step: int) -> str:
+    """The step folder name DeepSpeed and savanna use (`global_stepN`)."""
     return f"global_step{step}"
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.barrier()
 
@@ -51,6 +54,7 @@ def barrier() -> None:
 
 
 def capture_rng() -> dict:
+    """This rank's Python, numpy and torch RNG states, to save with a checkpoint."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -63,6 +67,7 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict) -> None:
+    """Restore the RNG states `capture_rng` saved."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -50,6 +50,8 @@ TOKENIZER = ("nemo.collections.common.tokenizers.bytelevel_tokenizers", "ByteLev
 
 @dataclass(frozen=True)
 class NemoSize:
+    """One NeMo Evo 2 preset: its config class and the architecture it stands for."""
+
     config_class: str  # NeMo config class in nemo.collections.llm.gpt.model.hyena
     hidden_size: int
     num_layers: int
@@ -371,6 +373,7 @@ def config_overrides(model_size: str | None, cfg: ModelConfig, context: int) -> 
 
 
 def config_class(model_size: str | None) -> str:
+    """The NeMo config class for a preset name (the base HyenaConfig when there is none)."""
     return "HyenaConfig" if model_size is None else NEMO_SIZES[model_size].config_class
 
 
@@ -396,6 +399,7 @@ def io_json(model_size: str | None, context: int, cfg: ModelConfig) -> dict[str,
 
 
 def model_yaml(model_size: str | None, context: int, cfg: ModelConfig) -> str:
+    """context/model.yaml: the HyenaModel with its config, as NeMo writes it."""
     body = {
         "_target_": f"{HYENA_MODULE}.HyenaModel",
         "config": {
@@ -414,6 +418,7 @@ COMMON_PT = {"pytorch-lightning_version": "2.5.0", "epoch": 0, "global_step": 0,
 
 
 def metadata_json(fmt: NemoFormat) -> dict[str, Any]:
+    """weights/metadata.json: exactly the four keys NeMo's loader reads."""
     return {
         "sharded_backend": fmt.value,
         "sharded_backend_version": 1,

@@ -70,6 +70,7 @@ def block_index(layer: int) -> int:
 
 
 def final_norm_index(num_layers: int) -> int:
+    """Index of savanna's final norm in `sequential.{i}` (after the blocks and two placeholders)."""
     return num_layers + 3
 
 
@@ -245,6 +246,7 @@ def vortex_config(cfg: ModelConfig, max_seqlen: int) -> dict[str, Any]:
 
 
 def vortex_config_yaml(cfg: ModelConfig, max_seqlen: int) -> str:
+    """The vortex YAML config (the keys of evo2's configs/*.yml) for this model."""
     header = (
         f"# vortex/evo2 config for {cfg.name}, written by evo2_hydra convert.py target=vortex.\n"
         "# Load: vortex.model.model.StripedHyena(dotdict(yaml.safe_load(...))) + load_checkpoint.\n"
@@ -272,6 +274,7 @@ def _vortex_blocks(sd: Mapping[str, Tensor]) -> dict[int, dict[str, str]]:
 
 
 def vortex_layer_kind(block: Mapping[str, Any]) -> str:
+    """Operator of one vortex block ('attention', 'hcl', 'hcm' or 'hcs'), read off its keys."""
     if "inner_mha_cls.Wqkv.weight" in block:
         return "attention"
     if "filter.log_poles" in block:
