@@ -365,15 +365,16 @@ def checkpoint_save_error(run_dir: Path, step: int, err: BaseException) -> BaseE
     without the file or the cause (io_utils.write_failure_as_os_error). Other errors pass as
     they are (a bug keeps its traceback).
     """
-    from evo2_hydra.train.saving import latest_step_dir
-
     folder = run_dir / "checkpoints"
     os_error = write_failure_as_os_error(err, folder)
     if os_error is None:
         return err
     where = os_error.filename if os_error.filename else folder
-    previous = latest_step_dir(run_dir)
-    kept = f"{previous.name} is still the latest checkpoint" if previous else "no step was saved"
+    try:  # `latest` is only replaced after a complete save: it still names the previous step
+        previous = (folder / "latest").read_text().strip()
+    except OSError:
+        previous = ""
+    kept = f"{previous} is still the latest checkpoint" if previous else "no step was saved"
     return UserError(
         f"{where}: saving step {step} failed ({os_error.strerror or os_error}); {kept}"
     )
