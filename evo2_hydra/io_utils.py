@@ -117,7 +117,12 @@ def _free_mib(folder: Path) -> float | None:
 
 # torch.save's C++ writer reports a failed write (a full disk) as a RuntimeError that names
 # neither the file nor the cause ("[enforce fail at inline_container.cc:...] unexpected pos").
-_TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
+_TORCH_WRITE_FAILURES = (
+    "inline_container.cc",
+    "PytorchStreamWriter",
+    "file write failed",
+    "iostream error",
+)
 
 
 def write_failure_as_os_error(err: BaseException, path: str | os.PathLike) -> OSError | None:
