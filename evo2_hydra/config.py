@@ -229,11 +229,15 @@ class NemoFormat(str, Enum):
 
 
 class PeftMethod(str, Enum):
+    """peft.method: full finetune or LoRA adapters."""
+
     none = "none"  # full finetune: every parameter trains
     lora = "lora"  # low-rank adapters through `peft`; the base stays frozen
 
 
 class Offload(str, Enum):
+    """train.offload: what DeepSpeed keeps in CPU memory instead of on the GPU."""
+
     none = "none"
     optimizer = "optimizer"  # ZeRO-Offload: optimizer states (and the fp32 master) in CPU memory
     optimizer_and_params = "optimizer_and_params"  # ZeRO-Infinity to CPU (needs zero_stage=3)

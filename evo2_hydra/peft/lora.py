@@ -28,6 +28,7 @@ ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
 
 
 def is_adapter_key(key: str) -> bool:
+    """Whether a state-dict key names a LoRA adapter tensor (peft's lora_A / lora_B)."""
     return any(marker in key for marker in ADAPTER_MARKERS)
 
 
@@ -83,6 +84,7 @@ def resolve_targets(model: nn.Module, peft: PeftConfig) -> list[str]:
 
 
 def lora_config(peft: PeftConfig, targets: list[str]):
+    """peft's LoraConfig for our settings and the resolved target module names."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -122,6 +124,7 @@ def _output_requires_grad(module, inputs, output):
 
 
 def adapter_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the adapter tensors of a model state dict (what a LoRA checkpoint holds)."""
     return {k: v for k, v in state.items() if is_adapter_key("." + k)}
 
 

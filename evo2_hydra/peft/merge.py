@@ -104,7 +104,8 @@ def adapter_pairs(adapters: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Ten
 class MergedModule(Mapping):
     """A savanna state dict with LoRA adapters merged into it, lazily: reading an adapted weight
     computes `W + scaling * B @ A` in float32 (kept float32, so merged logits equal the
-    unmerged model's); every other tensor is the base's own (memory-mapped) tensor."""
+    unmerged model's); every other tensor is the base's own (memory-mapped) tensor.
+    """
 
     def __init__(
         self, base: Mapping[str, Any], adapters: Mapping[str, Tensor], scaling: float

@@ -102,7 +102,8 @@ class MemoryEstimate:
 @functools.lru_cache(maxsize=32)
 def _shapes(model_json: str, context: int) -> tuple[dict, dict, int, int, int]:
     """(parameter shapes, linear module shapes, buffer elements, fp32 buffer elements, largest
-    block's parameters) from a meta build; cached (a 40B meta build takes a moment)."""
+    block's parameters) from a meta build; cached (a 40B meta build takes a moment).
+    """
     from torch import nn
 
     from evo2_hydra.model import build_model
@@ -144,7 +145,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def lora_targets(model: ModelConfig, context: int, peft: PeftConfig) -> dict[str, tuple[int, int]]:
     """Adapted linear modules -> (in, out), resolved as training resolves them (bad patterns or
-    ranks raise the same one-line errors)."""
+    ranks raise the same one-line errors).
+    """
     from torch import nn
 
     from evo2_hydra.peft.lora import resolve_targets
@@ -219,6 +221,7 @@ def host_memory_gb(run: RunConfig) -> float | None:
 
 
 def ranks_per_node(run: RunConfig) -> int:
+    """Processes sharing one node's CPU memory (for offload accounting)."""
     c = run.cluster
     if c.kind == ClusterKind.local:
         return c.tasks
@@ -238,7 +241,8 @@ def estimate_memory(
     node_ranks: int = 1,
 ) -> MemoryEstimate:
     """Memory one GPU needs for this finetune; `fits` compares it with `gpu_memory_gb` (and, when
-    something is offloaded, the node's CPU memory with `host_memory`)."""
+    something is offloaded, the node's CPU memory with `host_memory`).
+    """
     params, buffers, fp32_buffers = count_parameters(model, context)
     largest_block = _shapes(_model_key(model), context)[4]
     dp = max(world_size // mp, 1)
@@ -332,6 +336,8 @@ def describe(est: MemoryEstimate) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One set-up the plan considers: method, ZeRO stage, recomputation, offload, micro batch."""
+
     lora: bool
     zero_stage: int
     checkpointing: bool
@@ -366,6 +372,7 @@ class Candidate:
 def relative_cost(
     lora: bool, zero_stage: int, checkpointing: bool, offload: Offload, micro_one: bool, dp: int
 ) -> float:
+    """Time per token relative to a full finetune at ZeRO-1 without recomputation (1.0)."""
     units = (2.0 if lora else 3.0) + (1.0 if checkpointing else 0.0)
     cost = units / 3.0
     if zero_stage == 3 and dp > 1:
@@ -422,7 +429,8 @@ def candidates(run: RunConfig) -> list[Candidate]:
 
 def recommend(run: RunConfig, cands: list[Candidate] | None = None) -> Candidate | None:
     """The cheapest candidate that fits, keeping the run's method (full or LoRA) when any of that
-    method fits; else the cheapest of the other method; None when nothing fits."""
+    method fits; else the cheapest of the other method; None when nothing fits.
+    """
     cands = candidates(run) if cands is None else cands
     fitting = [c for c in cands if c.estimate.fits]
     same = [c for c in fitting if c.lora == run.peft.enabled]
@@ -432,7 +440,8 @@ def recommend(run: RunConfig, cands: list[Candidate] | None = None) -> Candidate
 
 def short_table(run: RunConfig, cands: list[Candidate]) -> list[Candidate]:
     """The candidates worth showing: per method, those no other candidate beats on both memory
-    and cost (the Pareto front), cheapest first."""
+    and cost (the Pareto front), cheapest first.
+    """
     shown = []
     for lora in (False, True):
         best_mem = float("inf")
@@ -454,7 +463,8 @@ def _shape(run: RunConfig) -> str:
 
 def check_fits(run: RunConfig) -> MemoryEstimate:
     """Refuse a finetune the plan says cannot fit, naming the cheapest set-up that does (one
-    line), unless plan.force=true. Offload beyond the node's CPU memory is refused the same way."""
+    line), unless plan.force=true. Offload beyond the node's CPU memory is refused the same way.
+    """
     est = run_memory_estimate(run)
     if est.fits or run.plan.force:
         return est

@@ -81,7 +81,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device):
     """AdamW with savanna's betas/eps/decay: torch's (fused on GPU), or DeepSpeed's CPU Adam
     when the optimizer states are offloaded from a GPU (the step then runs on the CPU; DeepSpeed
     requires its own vectorised CPU optimizer there). Only trainable parameters are passed (a
-    LoRA run's frozen base gets no optimizer state)."""
+    LoRA run's frozen base gets no optimizer state).
+    """
     groups = param_groups(model, train)
     if not groups or not any(g["params"] for g in groups):
         raise UserError("no trainable parameters: every parameter of the model is frozen")
