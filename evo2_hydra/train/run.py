@@ -165,13 +165,11 @@ def _client_state(
     }
 
 
-def _check_resumed_lora_base(run_dir: Path, base: Path, source: str | None) -> None:
+def _check_resumed_lora_base(step_dir: Path, base: Path, source: str | None) -> None:
     """A LoRA run resumes only onto the base its adapters were trained on (content hash)."""
     from evo2_hydra.checkpoint.layout import locate_checkpoint
     from evo2_hydra.peft.merge import base_content_hash, read_lora_record
-    from evo2_hydra.train.saving import latest_step_dir
 
-    step_dir = latest_step_dir(run_dir)
     record = read_lora_record(locate_checkpoint(step_dir))
     if record is None:
         raise UserError(
@@ -258,7 +256,7 @@ def finetune_this_rank(run: RunConfig) -> dict:
                 from evo2_hydra.peft.merge import base_content_hash
 
                 if resume:
-                    _check_resumed_lora_base(run_dir, base, run.ckpt.path)
+                    _check_resumed_lora_base(resume_step, base, run.ckpt.path)
                 record = {"path": str(base), "sha256": base_content_hash(base)}
             if not resume:
                 write_text_atomic(run_dir / RUN_CONFIG, config_yaml(run))
