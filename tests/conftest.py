@@ -39,6 +39,14 @@ def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
     return _compose
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """The one tiny-model fixture: the shipped evo2_tiny ModelConfig (conf/model/evo2_tiny.yaml)."""
+    from tests.vtx_reference import model_config
+
+    return model_config("evo2_tiny")
+
+
 def to_obj(cfg: DictConfig):
     return OmegaConf.to_object(cfg)
 

@@ -8,12 +8,6 @@ import torch
 from evo2_hydra.checkpoint import load_module_state_dict, locate_checkpoint
 from evo2_hydra.errors import UserError
 from tests.ckpt_factory import make_random_savanna_checkpoint, random_savanna_module
-from tests.conftest import to_obj
-
-
-@pytest.fixture
-def tiny(compose_cfg):
-    return to_obj(compose_cfg(["model=evo2_tiny"])).model
 
 
 @pytest.mark.parametrize(

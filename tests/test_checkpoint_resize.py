@@ -18,14 +18,8 @@ from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.checkpoint.writer import write_savanna_dir
 from evo2_hydra.io_utils import atomic_dir
 from tests.ckpt_factory import make_random_savanna_checkpoint, random_savanna_module
-from tests.conftest import to_obj
 
 SOURCE = 256
-
-
-@pytest.fixture
-def tiny(compose_cfg):
-    return to_obj(compose_cfg(["model=evo2_tiny"])).model
 
 
 def check_resized(source: dict, out: dict, context: int) -> None:

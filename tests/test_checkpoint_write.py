@@ -25,12 +25,7 @@ from evo2_hydra.checkpoint import (
 from evo2_hydra.checkpoint.safe_load import safe_load
 from evo2_hydra.checkpoint.writer import PAUSE_ENV
 from tests.ckpt_factory import random_savanna_module
-from tests.conftest import REPO, to_obj
-
-
-@pytest.fixture
-def tiny(compose_cfg):
-    return to_obj(compose_cfg(["model=evo2_tiny"])).model
+from tests.conftest import REPO
 
 
 def test_save_layout_manifest_and_reload(tmp_path, tiny):

@@ -30,13 +30,9 @@ OLD_COMMIT = "b" * 40
 
 
 def tiny_model() -> ModelConfig:
-    from omegaconf import OmegaConf
+    from tests.vtx_reference import model_config
 
-    from evo2_hydra.config import REPO_ROOT
-
-    raw = OmegaConf.load(REPO_ROOT / "conf" / "model" / "evo2_tiny.yaml")
-    raw.pop("defaults", None)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+    return model_config("evo2_tiny")
 
 
 @pytest.fixture(scope="module")

@@ -134,11 +134,6 @@ def test_40b_meta_build_is_fast_and_allocates_nothing():
 # ---------------------------------------------------------------- loading
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return model_config("evo2_tiny")
-
-
 def test_round_trip_is_byte_equal(tmp_path, tiny):
     """Savanna-layout file -> load -> save -> load: every tensor byte-equal, dtypes kept."""
     context = 256

@@ -83,21 +83,10 @@ def test_annealing_scheduler_steps_and_state_round_trip():
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from evo2_hydra.config import ModelConfig
+def tiny_model(tiny):
     from evo2_hydra.model import build_model
-    from tests.conftest import CONF
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train")
-    GlobalHydra.instance().clear()
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
-    return build_model(model_cfg, 64, device="meta"), model_cfg
+    return build_model(tiny, 64, device="meta"), tiny
 
 
 def _names(model, params):
