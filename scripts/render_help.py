@@ -44,7 +44,7 @@ TARGET_SCHEMAS = {
     "savanna": "SavannaTargetConfig",
 }
 ENTRY = {
-    "train": ("launch.py", "RunConfig", ["model", "ckpt", "data", "cluster", "recipe"]),
+    "train": ("launch.py", "RunConfig", ["model", "ckpt", "data", "peft", "cluster", "recipe"]),
     "convert": ("convert.py", "ConvertConfig", ["target", "model", "ckpt"]),
 }
 
