@@ -1,4 +1,4 @@
-"""Measure a child process the way the spec's memory targets are judged (spec/README.md).
+"""Measure a child process the way the issues' memory targets are judged.
 
 Peak memory is anonymous memory (`RssAnon`, polled from /proc, children included), not clean
 pages of memory-mapped inputs, which the kernel may drop at any time; `max_rss` (wait4) is

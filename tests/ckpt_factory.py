@@ -4,7 +4,7 @@
 
 Keys and shapes come from the model (`expected_state_dict_shapes`), plus TransformerEngine-style
 `_extra_state` entries (io.BytesIO, as in real files). Values are random but plausible: hcm `h` are
-signed powers of two (so the bf16 product h*decay is exact, see spec/README.md), `decay` follows
+signed powers of two (so the bf16 product h*decay is exact, see docs/model.md), `decay` follows
 savanna's exp(-r t), hcl `t` is float32 arange, `inv_freq` is RoPE's 1/base^(2i/d), norms near 1.
 Top-level keys mimic a DeepSpeed/savanna model-state file, including numpy RNG state.
 """
@@ -69,7 +69,7 @@ def random_savanna_module(
 
 
 def _top_level(module: dict, *, iteration: int, mp: int, model_cfg: ModelConfig) -> dict:
-    """What a savanna/DeepSpeed `mp_rank_XX_model_states.pt` holds around `module` (§3.2)."""
+    """What a savanna/DeepSpeed `mp_rank_XX_model_states.pt` holds around `module`."""
     np.random.seed(0)
     return {
         "module": module,

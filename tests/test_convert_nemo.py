@@ -1,6 +1,7 @@
 """target=nemo: the torch_dist folder reloaded with torch.distributed.checkpoint, the zarr folder read
 with the zarr package, every tensor checked against the savanna -> NeMo mapping written out here
-from spec nemo.md §1.4 (independently of the exporter's own tables)."""
+from NVIDIA/NeMo `nemo/collections/llm/gpt/model/hyena.py` (independently of the exporter's own
+tables)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ FP32 = ("filter.h", "filter.decay", "filter.gamma", "filter.R", "filter.p")
 
 
 def expected_nemo(state, cfg):
-    """module.<NeMo key> -> tensor, straight from the table of nemo.md §1.4."""
+    """module.<NeMo key> -> tensor, straight from NeMo's `PyTorchHyenaImporter` key map."""
     out = {"embedding.word_embeddings.weight": state["sequential.0.word_embeddings.weight"]}
     for i, kind in enumerate(cfg.layer_types()):
         s, d = f"sequential.{i + 2}.", f"decoder.layers.{i}."
@@ -145,7 +146,7 @@ def test_torch_dist_reloads_exactly(tmp_path, compose_cfg, tiny_source):
         got = loaded[key]
         assert got.dtype == want.dtype and torch.equal(got, want), key
     assert byte_items.keys() == objects
-    for value in byte_items.values():  # list-wrapped empty uint8 tensor, not flattened (§2.7)
+    for value in byte_items.values():  # list-wrapped empty uint8 tensor, not flattened (Megatron)
         assert isinstance(value, list) and value[0].dtype == torch.uint8 and value[0].numel() == 0
 
 

@@ -3,7 +3,7 @@
 The source is a random evo2_tiny savanna checkpoint at context 512 whose hcm `h` values are signed
 powers of two, so `h * decay` is exact in bf16: our float32 model, vtx's bf16-rounding loader and
 the exporter then use bit-identical hcm filters, and the 1e-3 logits tolerance checks the
-conversion itself (spec/README.md, "hcm filter rounding"). The 512-wide filters also catch the
+conversion itself (docs/model.md, "bf16 hcm rounding"). The 512-wide filters also catch the
 upstream converter's bug of keeping the full width (vtx would refuse [G, 1, 512]).
 """
 
@@ -37,7 +37,7 @@ def our_logits(state, cfg, context, ids):
 
 
 def cpu_config(path):
-    """Our exported YAML, with the CPU overrides of vortex.md §4.3 (SDPA, float32 blocks)."""
+    """Our exported YAML, with the CPU overrides of tests/vtx_reference.py (SDPA, fp32 blocks)."""
     config = yaml.safe_load(path.read_text())
     config.update(
         use_flash_attn=False, hyena_block_dtype=torch.float32, attn_block_dtype=torch.float32

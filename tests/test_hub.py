@@ -1,9 +1,10 @@
 """hf:// checkpoint ids and multi-part files, with no network.
 
-A Hugging Face cache is seeded in its documented layout (usage.md §1.4: `models--ORG--REPO/blobs/
-<sha256>`, `snapshots/<commit>/<file>` relative symlinks, `refs/main`, and the tree listing
-`trees/<commit>.json` snapshot_download writes) with small random savanna checkpoints in the real
-file layout, then resolved through the real huggingface_hub with HF_HUB_OFFLINE set.
+A Hugging Face cache is seeded in its documented layout (huggingface_hub `manage-cache.md`:
+`models--ORG--REPO/blobs/<sha256>`, `snapshots/<commit>/<file>` relative symlinks, `refs/main`, and
+the tree listing `trees/<commit>.json` snapshot_download writes) with small random savanna
+checkpoints in the real file layout, then resolved through the real huggingface_hub with
+HF_HUB_OFFLINE set.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """NeMo2 and Megatron-Bridge checkpoints in (convert.py source=DIR, ckpt.path=DIR).
 
 Sources: our own NeMo2 export (torch_dist and zarr) of a random evo2_tiny savanna checkpoint, the
-same NeMo2 zarr folder re-chunked as a tensor-parallel-2 save writes it (nemo.md §2.6), and
-Megatron-Bridge folders written here in the documented layout (usage.md §4.2: iter_0000001/ with
-DCP files, common.pt, metadata.json, run_config.yaml, train_state.pt; keys without `module.`),
-built from an independent key map (tests/test_convert_nemo.py's `expected_nemo`).
+same NeMo2 zarr folder re-chunked as a tensor-parallel-2 save writes it (Megatron-Core 0.15
+`strategies/zarr.py`), and Megatron-Bridge folders written here in the documented layout (BioNeMo
+`nemo2_to_mbridge.py`: iter_0000001/ with DCP files, common.pt, metadata.json, run_config.yaml,
+train_state.pt; keys without `module.`), built from an independent key map
+(tests/test_convert_nemo.py's `expected_nemo`).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from evo2_hydra.model import (
 from tests.conftest import to_obj
 from tests.vtx_reference import model_config, random_savanna_state_dict
 
-# ---------------------------------------------------------------- the spec's listing (savanna.md §1.2, §2.2, §2.4)
+# ---------------- the reference listing (evo2 configs, savanna `tools/7b/conversion/params.py`)
 
-SPEC_LAYERS = {  # 0-based layer indices per operator, spec §1.2
+SPEC_LAYERS = {  # 0-based layer indices per operator, evo2 `evo2/configs/*.yml`
     "evo2_1b": dict(
         hcs=[0, 4, 7, 11, 14, 18, 21],
         hcm=[1, 5, 8, 12, 15, 19, 22],
@@ -40,7 +40,7 @@ SPEC_LAYERS = {  # 0-based layer indices per operator, spec §1.2
         attn=[3, 10, 17, 24, 31, 35, 42, 49],
     ),
 }
-SPEC_SIZES = {  # hidden D, groups G (hcs = hcm), MLP F (8K base), spec §1.1 / §2.4
+SPEC_SIZES = {  # hidden D, groups G (hcs = hcm), MLP F (8K base), evo2 configs
     "evo2_1b": (1920, 128, 5120),
     "evo2_7b": (4096, 256, 11008),
     "evo2_40b": (8192, 512, 21888),
@@ -48,7 +48,7 @@ SPEC_SIZES = {  # hidden D, groups G (hcs = hcm), MLP F (8K base), spec §1.1 / 
 
 
 def spec_listing(name: str, context: int, mlp: int | None = None) -> dict[str, tuple[int, ...]]:
-    """The §2.2 per-layer listing (TE `_extra_state` keys aside), generalised by §2.4's shapes."""
+    """savanna's per-layer key listing (TE `_extra_state` keys aside), for every model size."""
     dim, groups, default_mlp = SPEC_SIZES[name]
     F = mlp or default_mlp
     layers = SPEC_LAYERS[name]

@@ -1,4 +1,5 @@
-"""Each operator against a direct float64 reference written here from the spec (savanna.md §1).
+"""Each operator against a direct float64 reference written here from savanna
+(`savanna/model/block.py`, `savanna/model/operators/`).
 
 The references use explicit loops over filter taps or dense Toeplitz/attention matrices, never an
 FFT, so a wrong tap orientation, group mapping, stream split or skip term shows up as a mismatch.

@@ -6,7 +6,7 @@ float32 on the same 300-token input and must agree within 1e-3 absolute on every
 
 How the bf16 hcm rounding is handled: savanna, the vortex converter and vtx's loader all hold the
 hcm filter product `h[:, :128] * decay[:, :128]` in bf16, while a float32 model would form it in
-fp32 (spec/README.md, "hcm filter rounding"). Two tests:
+fp32 (docs/model.md, "bf16 hcm rounding"). Two tests:
 - `test_logits_match_vtx`: the checkpoint's hcm `h` values are signed powers of two, so the product
   of two bf16 numbers is exact in bf16 and both sides use bit-identical filters whatever dtype they
   form it in; the comparison checks the math, not a rounding convention.

@@ -5,9 +5,10 @@ Used by tests/test_vtx_reference.py (the model cross-check) and reusable by the 
     state = random_savanna_state_dict(model_cfg, context, seed=0)
     vtx_logits = run_vtx(savanna_to_vortex(state, model_cfg), vortex_config(model_cfg), ids, tmp_path)
 
-Running vtx 1.1.0 on CPU needs the shim of spec vortex.md §4.3: a plain-torch stand-in for the
-triton rotary kernel module (so `vortex/ops/__init__.py`, which imports flash-attn, never runs),
-a no-op `torch.cuda.device` when there is no CUDA, and `use_flash_attn` / FP8 projections off.
+Running vtx 1.1.0 on CPU needs the shim below (`install_vortex_cpu_shim`): a plain-torch stand-in
+for the triton rotary kernel module (so `vortex/ops/__init__.py`, which imports flash-attn, never
+runs), a no-op `torch.cuda.device` when there is no CUDA, and `use_flash_attn` / FP8 projections
+off.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def random_savanna_state_dict(
 ) -> dict[str, Tensor]:
     """A savanna `module` state dict for `cfg` at `context` with random but well-conditioned values.
 
-    Written from the spec's key listing (savanna.md §2.2), not from our model. Everything is in
-    `dtype` (bf16 like DeepSpeed saves) except hcl `filter.t` (fp32, savanna reassigns it).
-    hcm `filter.h` holds signed powers of two: then `h * decay` is exact in bf16, so a model that
-    forms the product in fp32 and one that forms it in bf16 (savanna, the vortex converter, vtx's
-    bf16 loader) use the same filter (spec/README.md, "hcm filter rounding").
+    Written from savanna's key names (`tools/7b/conversion/params.py`), not from our model.
+    Everything is in `dtype` (bf16 like DeepSpeed saves) except hcl `filter.t` (fp32, savanna
+    reassigns it). hcm `filter.h` holds signed powers of two: then `h * decay` is exact in bf16, so
+    a model that forms the product in fp32 and one that forms it in bf16 (savanna, the vortex
+    converter, vtx's bf16 loader) use the same filter (docs/model.md, "bf16 hcm rounding").
     With `extra_state`, TransformerEngine `_extra_state` entries (uint8 tensors) are added to the
     projections, as real checkpoints carry them.
     """
@@ -131,16 +132,18 @@ def random_savanna_state_dict(
 
 
 # ----------------------------------------------------------------------------------------------
-# Minimal savanna -> vortex mapping (spec savanna.md §6.3-6.4; the real exporter is in convert/)
+# Minimal savanna -> vortex mapping (savanna `tools/statedict_convert_checkpoint_to_vortex.py`;
+# the real exporter is in checkpoint/adapters/vortex.py)
 
 
 def savanna_to_vortex(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """The savanna -> vortex file layout through the real exporter (evo2_hydra.checkpoint.adapters.vortex).
 
-    Renames and transforms of vortex.md §1.7: Wqkv rows in savanna's per-head order (vortex
-    permutes at load), hcm `(h * decay)[:, :128]` formed in the checkpoint dtype, hcl log-poles and
-    residues in fp32, `inv_freq` upcast to fp32 (vtx recomputes a non-fp32 one from the base).
-    tests/test_convert_vortex.py checks the exporter's file end to end; here it feeds the model test.
+    Renames and transforms (savanna -> vortex `vortex/model/model.py`): Wqkv rows in savanna's
+    per-head order (vortex permutes at load), hcm `(h * decay)[:, :128]` formed in the checkpoint
+    dtype, hcl log-poles and residues in fp32, `inv_freq` upcast to fp32 (vtx recomputes a non-fp32
+    one from the base). tests/test_convert_vortex.py checks the exporter's file end to end; here it
+    feeds the model test.
     """
     from evo2_hydra.checkpoint.adapters.vortex import savanna_to_vortex as export
 
@@ -148,7 +151,7 @@ def savanna_to_vortex(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, T
 
 
 def vortex_config(cfg: ModelConfig) -> dict:
-    """The vortex YAML keys (vortex.md §1.8) for `cfg`, with the CPU overrides of §4.3."""
+    """The vortex YAML keys (evo2 `evo2/configs/*.yml`) for `cfg`, with the CPU overrides."""
     layer_idxs = {
         kind: [i for i, k in enumerate(cfg.layer_types()) if k == kind]
         for kind in ("hcs", "hcm", "hcl", "attention")
@@ -244,7 +247,7 @@ def _cpu_apply_rotary(
 
 
 def install_vortex_cpu_shim() -> None:
-    """Idempotent: make `import vortex.model.model` work on a CPU-only torch (vortex.md §4.3)."""
+    """Idempotent: make `import vortex.model.model` work on a CPU-only torch."""
     if "vortex.ops.embedding.rotary" not in sys.modules:
         stub = types.ModuleType("vortex.ops.embedding.rotary")
         stub.apply_rotary = _cpu_apply_rotary

@@ -7,7 +7,7 @@ calls `local_checkpoint_path`, which turns a Hub id into the file in huggingface
 
 - with FILE: that file, or its parts `FILE.part0..N` when the repo holds the file in parts;
 - without FILE: the repo's one checkpoint, a single `*.pt` or one set of `*.pt.partN` parts
-  (`arcinstitute/savanna_evo2_40b` holds `savanna_evo2_40b.pt.part0..4`, usage.md §1.1).
+  (`arcinstitute/savanna_evo2_40b` holds `savanna_evo2_40b.pt.part0..4` on its Hub page).
 
 Parts are never joined on disk: `parts.py` reads them as one file. Every resolution is pinned to
 the commit the revision named (`hf://ORG/REPO@<commit>/FILE`, `Resolved.pinned`): the CLI writes

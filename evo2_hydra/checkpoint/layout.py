@@ -1,6 +1,6 @@
 """Find the checkpoint files behind whatever `ckpt.path` points at; never modifies the source.
 
-Accepted layouts (savanna.md §3.1):
+Accepted layouts (savanna `savanna/checkpointing.py`, DeepSpeed's checkpoint folders):
 - a single `.pt` file as downloaded (`savanna_evo2_7b.pt`), or one `mp_rank_XX_model_states.pt`;
 - a `global_stepN` folder holding `mp_rank_XX_model_states.pt` (one per model-parallel rank), or
   ZeRO-3 `zero_pp_rank_R_mp_rank_XX_model_states.pt` files (detected, gathered by convert.py);

@@ -1,12 +1,13 @@
 """Edits for older savanna layouts: non-interleaved projections, unpadded MLP widths.
 
-- Legacy projections (savanna.md §1.5, `interleave_projections: false`): the 3D rows of a Hyena
-  layer's `dense_projection.weight` and `hyena_proj_conv.short_conv_weight` are [x1 | x2 | v] blocks
-  per MP rank; the released layout interleaves them (row 3i+p = stream p of channel i). Converted on
-  request only (`ckpt.interleave_legacy`): the two layouts have the same shapes, so it cannot be
-  detected from the file.
-- MLP padding (§1.10): the 1M releases pad F to 11264 / 22528 with zero rows of w1/w2 and zero
-  columns of w3, which stay inert. A narrower file is zero-padded on request (`ckpt.pad_mlp`).
+- Legacy projections (savanna `savanna/model/block.py`, `interleave_projections: false`): the 3D
+  rows of a Hyena layer's `dense_projection.weight` and `hyena_proj_conv.short_conv_weight` are [x1
+  | x2 | v] blocks per MP rank; the released layout interleaves them (row 3i+p = stream p of channel
+  i). Converted on request only (`ckpt.interleave_legacy`): the two layouts have the same shapes, so
+  it cannot be detected from the file.
+- MLP padding (savanna `pad_mlp_weights`): the 1M releases pad F to 11264 / 22528 with zero rows of
+  w1/w2 and zero columns of w3, which stay inert. A narrower file is zero-padded on request
+  (`ckpt.pad_mlp`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """NeMo2 and Megatron-Bridge (MBridge) Evo 2 checkpoints in, without NeMo or Megatron installed.
 
-Layouts (spec usage.md §4.1-4.2, nemo.md §2):
+Layouts (NVIDIA/bionemo-framework `sub-packages/bionemo-evo2/.../utils/checkpoint/README.md`,
+`recipes/evo2_megatron` `nemo2_to_mbridge.py`; NVIDIA/NeMo `nemo/lightning/io/`):
 - NeMo2: `DIR/context/{io.json, model.yaml}` + `DIR/weights/` (`metadata.json` names the backend:
   `torch_dist` = PyTorch DCP `.metadata` + `__R_I.distcp`; `zarr` = one zarr v2 array folder per
   key). Keys are Megatron names prefixed `module.`.

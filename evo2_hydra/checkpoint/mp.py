@@ -1,4 +1,5 @@
-"""Model-parallel sharding of savanna state dicts (savanna.md §2.5): which dim each key splits on.
+"""Model-parallel sharding of savanna state dicts: which dim each key splits on
+(savanna `tools/7b/conversion/params.py`).
 
 An MP size must divide every partitioned dimension: hidden size, attention heads (whole heads per
 rank), every filter group count, the MLP width and the vocabulary (`check_mp_size`).

@@ -1,15 +1,16 @@
 """NeMo2 checkpoint folders on disk (torch_dist or zarr), written and read without NeMo or Megatron.
 
 What goes in (keys, shapes, dtypes, the `context/` metadata) is the pure key map of
-`checkpoint/adapters/nemo.py`; this module only writes and reads files (spec nemo.md §2):
-`context/io.json`, `context/model.yaml`, `weights/common.pt`, the weights, and
-`weights/metadata.json` with exactly four keys, written last (its presence marks a complete
-checkpoint, §2.3).
+`checkpoint/adapters/nemo.py`; this module only writes and reads files (the NeMo2 layout of
+NVIDIA/NeMo `nemo/lightning/io/`): `context/io.json`, `context/model.yaml`, `weights/common.pt`, the
+weights, and `weights/metadata.json` with exactly four keys, written last (its presence marks a
+complete checkpoint; Megatron-Core reads it as `CheckpointingConfig`).
 - torch_dist: `torch.distributed.checkpoint.save(..., planner=DefaultSavePlanner(
   flatten_state_dict=False), no_dist=True)`, one `.distcp` file per entry (as BioNeMo's MBridge
   converter; `.metadata` names each entry's file, so loaders do not care); TransformerEngine
   extra states are list-wrapped empty uint8 tensors under `<module>._extra_state/shard_0_1` (the
-  default planner would flatten the list into a tensor entry Megatron does not recognise, §2.7).
+  default planner would flatten the list into a tensor entry Megatron does not recognise;
+  checked with megatron-core 0.15).
 - zarr (Megatron <= 0.15): one zarr v2 array folder per key (`.zarray` + one raw C-order chunk),
   bf16 as its 2-byte pattern with dtype "bfloat16"; extra states as `<key>/shard_0_1.pt`.
 Tensors are produced lazily, one at a time, so memory stays at about one tensor.

@@ -1,7 +1,8 @@
 """Multi-part checkpoint files (`NAME.pt.part0..N`, as the 40B releases are published) read as one.
 
-The parts are the bytes of one `torch.save` zip file cut into pieces (usage.md §1.1). Other tools
-join them into a new file first (another 82-225 GB on disk, usage.md §1.2-1.3); here they are
+The parts are the bytes of one `torch.save` zip file cut into pieces (huggingface.co
+`arcinstitute/*` file lists). Other tools join them into a new file first (another 82-225 GB on
+disk: ArcInstitute/evo2 `evo2/utils.py`, BioNeMo's savanna importers); here they are
 read in place, memory-mapped, and nothing is written:
 
 - The zip directory is read through `ConcatReader`, a read-only file object over the parts one

@@ -1,4 +1,5 @@
-"""Resize the context-dependent tensors of a savanna state dict (savanna.md §8), lazily.
+"""Resize the context-dependent tensors of a savanna state dict (savanna
+`tools/7b/conversion/extend_filter.py`), lazily.
 
 Exactly what `extend_filter.py` does, for shrinking and extending and any MP shard: every hcm
 `filter.h` and `filter.decay` becomes [G, N] holding the first min(source, 128) columns and zeros

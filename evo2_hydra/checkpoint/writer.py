@@ -10,7 +10,7 @@ that: a process killed at any point leaves the previous checkpoint and `latest` 
 `write_model_states` writes the model-state files key by key (finetune base preparation,
 `convert.py target=savanna`, `save_module_checkpoint` and so the demo checkpoint script): every
 source shard stays memory-mapped (or, for ZeRO-3, gathered lazily); for each key the full tensor
-is formed once (`cat` of the source shards along the key's partition dim, spec savanna.md §2.5),
+is formed once (`cat` of the source shards along the key's partition dim, `mp.py`),
 legacy rows interleaved, resized, MLP-padded and cast, and its MP chunks streamed into the open
 output files at once. Peak memory is about one full tensor, whatever the model size. `cat` and
 `chunk` move bytes without arithmetic, which is why MP N -> M -> N round-trips byte-exactly.
@@ -133,7 +133,7 @@ def full_tensor(
     """The MP=1 tensor of `key` from its per-rank pieces.
 
     Keys in `legacy_keys` (featurizer rows of Hyena layers with `ckpt.interleave_legacy`) are
-    interleaved per piece first: the legacy [x1 | x2 | v] blocks are per MP rank (savanna.md §1.5).
+    interleaved per piece first: the legacy [x1 | x2 | v] blocks are per MP rank (`legacy.py`).
     """
     if key in legacy_keys:
         values = [interleave_rows(v) for v in values]

@@ -4,10 +4,11 @@ A ZeRO-3 `global_stepN/` holds, per data-parallel rank d and model-parallel rank
 `zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt` (buffers, placeholders for parameters, the
 parameter shapes per optimizer group) and `[bf16_]zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt`
 (`fp32_flat_groups`: this rank's slice of every parameter, fp32 master weights). Rebuilding follows
-the protocol of DeepSpeed's `zero_to_fp32` for stage 3 (spec nemo.md §4): parameters in group
-order; each contributes `ceil(numel / dp)` elements to every rank's flat group; the full parameter is
-the concatenation of the ranks' pieces cut to `numel`. Buffers become float32 (as DeepSpeed's
-consolidation does); TransformerEngine extra states come from data-parallel rank 0.
+the protocol of DeepSpeed's `zero_to_fp32` for stage 3 (savanna
+`tools/40b/zero3/zero3_conversion_lib.py`): parameters in group order; each contributes `ceil(numel
+/ dp)` elements to every rank's flat group; the full parameter is the concatenation of the ranks'
+pieces cut to `numel`. Buffers become float32 (as DeepSpeed's consolidation does); TransformerEngine
+extra states come from data-parallel rank 0.
 
 Everything is memory-mapped and produced one parameter at a time.
 """

@@ -94,7 +94,7 @@ def write_vortex_file(path: Path, state: Mapping[str, Any], cfg: ModelConfig, pr
                 refs[key].crc32,
             )
             progress.update(tensor_nbytes(tensor))
-        out.finish(refs)  # a flat dict: the vortex file format (vortex.md §2.1)
+        out.finish(refs)  # a flat dict: the vortex file format (vortex `load_checkpoint`)
     return written
 
 

@@ -7,7 +7,7 @@ the largest absolute logit difference is logged and written to the manifest. The
 Rounding convention: a vortex file stores the hcm filter as the product `h * decay` formed in the
 checkpoint's dtype (bf16), as savanna forms it in training. The source side is therefore run with
 that same product (rounded to the checkpoint dtype) and a unit decay, so the comparison measures
-the conversion, not the bf16 rounding of a product (spec/README.md, "hcm filter rounding").
+the conversion, not the bf16 rounding of a product (docs/model.md, "bf16 hcm rounding").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Deterministic blending of several datasets by weight (savanna's BlendableDataset, spec §5.1).
+"""Deterministic blending of several datasets by weight (savanna's BlendableDataset,
+`savanna/data/blendable_dataset.py`).
 
 Sample s goes to the dataset maximising w_d · max(s, 1) − count_d (ties: the lowest index); its
 sample number within that dataset is count_d. The schedule is extended in blocks as the stream

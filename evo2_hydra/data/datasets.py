@@ -4,11 +4,11 @@ Both kinds return windows of `context + 1` tokens (inputs = window[:-1], labels 
 are endless: sample i of epoch e = i // samples_per_epoch uses that epoch's own shuffle, so a run
 can ask for any sample number (resume) without touching the ones before it.
 
-Contiguous mode follows savanna's GPT-style index (spec savanna.md §5.2) with one epoch per index:
-epoch e shuffles the documents with RandomState(seed + e) — epoch 0 is exactly savanna's index for
-a one-epoch run — cuts windows of context+1 tokens overlapping by one token (sample_idx), and
-shuffles the windows with the same RNG (shuffle_idx). The three arrays are cached as .npy files next
-to the data, named as savanna names them.
+Contiguous mode follows savanna's GPT-style index (savanna `savanna/data/`, `_build_sample_idx`)
+with one epoch per index: epoch e shuffles the documents with RandomState(seed + e) — epoch 0 is
+exactly savanna's index for a one-epoch run — cuts windows of context+1 tokens overlapping by one
+token (sample_idx), and shuffles the windows with the same RNG (shuffle_idx). The three arrays are
+cached as .npy files next to the data, named as savanna names them.
 """
 
 from __future__ import annotations

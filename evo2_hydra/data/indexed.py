@@ -1,6 +1,6 @@
 r"""savanna's MMapIndexedDataset (.bin/.idx) format: a streaming writer and a memory-mapped reader.
 
-Byte layout (spec savanna.md §4.5, all little-endian):
+Byte layout (savanna `savanna/data/indexed_dataset.py`, all little-endian):
   .idx  magic b"MMIDIDX\x00\x00" | version <Q = 1 | dtype code <B | n_items <Q | n_docs+1 <Q |
         sizes int32[n_items] | pointers int64[n_items] (byte offset of each item in .bin) |
         doc_idx int64[n_docs+1]

@@ -1,4 +1,5 @@
-"""Loss weights as savanna trains Evo 2 (spec savanna.md §5.3), and the loss TRAIN calls.
+"""Loss weights as savanna trains Evo 2 (`savanna/training.py` `_get_batch_ar`), and the loss TRAIN
+calls.
 
 The batch carries the final per-position weights, so `lm_loss(logits, batch)` needs no config:
 

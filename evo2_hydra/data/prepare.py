@@ -80,7 +80,7 @@ def parse_split(split: str) -> list[float]:
 
 
 def split_documents(n_docs: int, split: str) -> list[tuple[int, int]]:
-    """[lo, hi) document ranges for train/valid/test (savanna's rounding, spec §5.1)."""
+    """[lo, hi) document ranges for train/valid/test (savanna `data_utils.py` rounding)."""
     bounds = [0]
     for fraction in parse_split(split):
         bounds.append(bounds[-1] + int(round(fraction * float(n_docs))))

@@ -17,7 +17,7 @@ One policy decides it for every path a sequence takes, so training and inference
 - Case: the stored tokens keep the input's case (lowercase labels are weighted in the loss,
   `data.lowercase_weight`); model inputs are upper-cased whenever the run trains with
   `data.to_upper` other than `none`, because that is what the model saw in training (savanna's
-  `to_upper`, spec usage.md §5.3). Inference reads the policy back from the run's saved config
+  `to_upper`, `savanna/training.py`). Inference reads the policy back from the run's saved config
   (`policy_for_checkpoint`), so a lowercase sequence scores as it would have been trained.
 """
 

@@ -1,4 +1,5 @@
-"""savanna's CharLevelTokenizer (spec savanna.md §4.2): one token per UTF-8 byte, EOD = 0, PAD = 1.
+"""savanna's CharLevelTokenizer (savanna `savanna/tokenizer/tokenizer.py`): one token per UTF-8
+byte, EOD = 0, PAD = 1.
 
 Every token fits in a byte, so the preprocessing pipeline works on uint8 buffers and widens to the
 on-disk uint16 only when writing.
@@ -14,7 +15,7 @@ EOD = 0  # end of document, appended after each document with data.append_eod
 PAD = 1  # right padding in padded packing
 DISK_DTYPE = np.dtype("<u2")  # savanna writes uint16 because vocab_size < 65500
 
-# Token ids with special meaning in the loss (spec §5.3).
+# Token ids with special meaning in the loss (savanna `training.py` `_get_batch_ar`).
 LOWER_A, LOWER_Z = ord("a"), ord("z")
 CASE_OFFSET = ord("a") - ord("A")
 

@@ -1,4 +1,5 @@
-"""Embedding layer names as the evo2 package (vortex module tree) names them (spec usage.md §2.2).
+"""Embedding layer names as the evo2 package (vortex module tree) names them (vortex
+`vortex/model/model.py`, `vortex/model/layers.py`).
 
 | name              | tensor (`[B, L, D]`)                                                   |
 |-------------------|------------------------------------------------------------------------|

@@ -1,4 +1,5 @@
-"""StripedHyena 2 modules whose attribute names reproduce savanna's state_dict keys (spec §2.2).
+"""StripedHyena 2 modules whose attribute names reproduce savanna's state_dict keys
+(savanna `tools/7b/conversion/params.py`).
 
 Parameters are created with `torch.empty` (so a build on the meta device allocates nothing);
 `evo2_hydra.model.model.init_weights` fills them for a fresh model, `load_into_model` from a
@@ -32,7 +33,7 @@ class GatedMLP(nn.Module):
     """savanna ParallelGLU (`mlp_type: llama`): `w3(act(w1 x) * w2 x)`, no biases.
 
     `act` is exact GELU in layer 0 only and identity afterwards (savanna's activation side
-    effect, vortex `evo2_style_activations`; spec §1.10).
+    effect, vortex `evo2_style_activations`; savanna `ParallelGLU`).
     """
 
     def __init__(self, dim: int, inner: int, gelu: bool) -> None:
@@ -171,7 +172,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class AttentionMixer(nn.Module):
-    """Causal multi-head attention with per-head `[q_h | k_h | v_h]` projection rows (spec §1.9).
+    """Causal multi-head attention with per-head `[q_h | k_h | v_h]` projection rows
+    (savanna's `flash_v2` block).
 
     No qkv bias, out-projection with bias, NeoX rotate-half RoPE on the full head from the stored
     `inv_freq` in fp32, positions divided by `rope_scaling_factor`. `scaled_dot_product_attention`

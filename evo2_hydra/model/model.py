@@ -1,6 +1,6 @@
 """The StripedHyena 2 network in savanna's `sequential.{i}` layout, and `build_model`.
 
-Layout (spec savanna.md §2.1), N = num_layers:
+Layout (savanna `savanna/model/backbone.py`, `sequential.{idx}` keys), N = num_layers:
     sequential.0        embedding (`word_embeddings.weight`, tied to the output)
     sequential.1        placeholder (savanna's `_pre_mixer_block` lambda; no parameters)
     sequential.2..N+1   one pre-norm residual block per layer
@@ -72,7 +72,8 @@ class FinalNorm(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: `h = x + mixer(norm(x)); y = h + mlp(norm(h))` (spec §1.3).
+    """Pre-norm residual block: `h = x + mixer(norm(x)); y = h + mlp(norm(h))`
+    (savanna `savanna/model/block.py`, `ParallelBlock`).
 
     `post_attention_layernorm` and `outer_mlp_layernorm` exist only because savanna constructs
     them (they are in every checkpoint); they are never applied.
@@ -161,7 +162,7 @@ class StripedHyena2(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: StripedHyena2, cfg: ModelConfig) -> None:
-    """Fresh weights as savanna initialises them (spec §1.13); only for runs without a checkpoint."""
+    """Fresh weights as savanna `init_functions.py` makes them; only for runs with no checkpoint."""
     dim = cfg.hidden_size
     small = math.sqrt(2 / (5 * dim))  # small_init
     wang = 2 / (cfg.num_layers * math.sqrt(dim))  # wang_init (output projections)

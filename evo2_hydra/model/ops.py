@@ -1,4 +1,5 @@
-"""The numerical kernels of StripedHyena 2 as plain functions (spec savanna.md §1.4-1.10).
+"""The numerical kernels of StripedHyena 2 as plain functions (savanna `savanna/model/block.py`,
+`savanna/model/operators/hyena/hyena.py`, `savanna/model/operators/local/norms.py`).
 
 Activations are `[B, L, C]` (batch, tokens, channels) at every boundary; the convolutions move
 channels to the middle internally. Precision follows savanna: the convolutions run in float32 and
@@ -57,7 +58,7 @@ def hcm_filter(
     """Effective Hyena-MR filter `h[:, :Lk] * decay[:, :Lk]`, Lk = min(filter_len, length).
 
     The product is formed in the weights' dtype, as savanna does (bf16 for bf16 weights): forming
-    it in fp32 instead moves logits measurably (spec README, "hcm filter rounding"). When a
+    it in fp32 instead moves logits measurably (docs/model.md, "bf16 hcm rounding"). When a
     float32 model holds weights loaded from a bf16 file, `product_dtype` (bf16) keeps that
     rounding. `decay` comes from the checkpoint and is never recomputed.
     """
@@ -86,7 +87,7 @@ def rope_cos_sin(
     """NeoX rotary tables `[L, head_dim]` from the stored `inv_freq`, all in float32.
 
     Positions are float32 `arange / scaling_factor` (vortex inference numerics; savanna training
-    used bf16 positions, spec §1.9). The stored `inv_freq` is used, never recomputed from a base.
+    used bf16 positions). The stored `inv_freq` is used, never recomputed from a base.
     """
     positions = torch.arange(offset, offset + length, device=inv_freq.device, dtype=torch.float32)
     freqs = torch.outer(positions / scaling_factor, inv_freq.float())  # [L, head_dim/2]

@@ -46,7 +46,7 @@ def batch_plan(world_size: int, micro_batch: int, grad_accum: int, mp: int = 1) 
     return BatchPlan(world_size, mp, dp, micro_batch, grad_accum, micro_batch * grad_accum * dp)
 
 
-# savanna's ZeRO settings (spec §7.4); overlap_comm only pays off with CUDA streams.
+# savanna's ZeRO settings (its 7B configs); overlap_comm only pays off with CUDA streams.
 _BUCKET = 500_000_000
 
 

@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule exactly as savanna trained Evo 2 (spec savanna.md §7.1-7.2).
+"""Optimizer and learning-rate schedule exactly as savanna trained Evo 2 (savanna
+`savanna/training.py` `get_optimizer`, `savanna/learning_rates.py` `AnnealingLR`).
 
 - `param_groups`: savanna's two groups (decay, no-decay) built from each module's *direct*
   parameters, or a conventional set (`train.no_decay_set=conventional`).
@@ -26,7 +27,8 @@ from evo2_hydra.model.layers import (
 
 
 def _savanna_no_decay(module: nn.Module, name: str) -> bool:
-    """savanna `get_params_for_weight_decay_optimization` on the Evo 2 configs (spec §7.1).
+    """savanna `get_params_for_weight_decay_optimization` (`savanna/model/utils.py`) on the Evo 2
+    configs.
 
     Exempt: savanna's own norm classes (Evo 2 uses TransformerEngine's RMSNorm instead, which is
     NOT exempt: our `RMSNorm` stands for that one, so norms are decayed), the hcm

@@ -155,7 +155,8 @@ def _client_state(
             "model_parallel_size": plan.model_parallel,
         },
         "data_loading": {
-            # savanna's cursor: tokens consumed so far (spec §3.4 step 6)
+            # savanna's cursor: tokens consumed so far (`train_data_token_index`, savanna
+            # `training.py`)
             "train_data_token_index": step * plan.global_batch * run.ckpt.context,
             "micro_batches_per_rank": step * plan.grad_accum,
         },

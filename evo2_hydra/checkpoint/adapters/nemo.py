@@ -2,12 +2,12 @@
 
 No file is read or written here (`checkpoint/nemo_io.py` writes and reads the folders).
 
-Weights (spec nemo.md §1.4): full (TP=1) tensors under the Megatron keys prefixed `module.`;
-`linear_fc1` = `cat(w1, w2)` (gate first), hcm `h`/`decay` cut to 128 taps, filters
-`{h, decay, gamma, R, p}` in float32 and everything else bf16 (as BioNeMo's MBridge converter).
-`context/io.json` is a minimal fiddle graph: TrainerContext -> HyenaModel -> Hyena*Config +
-ByteLevelTokenizer (§2.2). DCP stores global tensors with chunk metadata, so the output loads at
-any tensor-parallel size (§2.7).
+Weights (NVIDIA/NeMo `nemo/collections/llm/gpt/model/hyena.py` importer): full (TP=1) tensors under
+the Megatron keys prefixed `module.`; `linear_fc1` = `cat(w1, w2)` (gate first), hcm `h`/`decay` cut
+to 128 taps, filters `{h, decay, gamma, R, p}` in float32 and everything else bf16 (as BioNeMo's
+MBridge converter). `context/io.json` is a minimal fiddle graph: TrainerContext -> HyenaModel ->
+Hyena*Config + ByteLevelTokenizer (NeMo `nemo/lightning/io/`). DCP stores global tensors with chunk
+metadata, so the output loads at any tensor-parallel size (checked with megatron-core 0.15).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PREFIX = "module."
 FP32_SUFFIXES = (".filter.h", ".filter.decay", ".filter.gamma", ".filter.R", ".filter.p")
 # TransformerEngine modules whose `_extra_state` Megatron-Core 0.15 / NeMo 2.6 requests for Evo 2
-# (spec/README.md: output_layer yes, core_attention no).
+# (checked by loading on CPU: output_layer yes, core_attention no).
 HYENA_TE_MODULES = ("mixer.dense_projection", "mixer.dense", "mlp.linear_fc1", "mlp.linear_fc2")
 ATTENTION_TE_MODULES = (
     "self_attention.linear_qkv",
@@ -127,7 +127,7 @@ def resolve_model_size(model_size: str | None, cfg: ModelConfig) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Key mapping (spec nemo.md §1.4)
+# Key mapping (NVIDIA/NeMo `nemo/collections/llm/gpt/model/hyena.py`, `PyTorchHyenaImporter`)
 
 
 Producer = Callable[[], Tensor]
@@ -246,7 +246,7 @@ def empty_extra_state() -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# context/ (spec nemo.md §2.2)
+# context/ (NVIDIA/NeMo `nemo/lightning/io/`: fiddle `io.json`, `model.yaml`)
 
 
 def _pyref(module: str, name: str) -> dict[str, str]:

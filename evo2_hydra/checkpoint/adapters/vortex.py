@@ -1,16 +1,17 @@
 """savanna <-> vortex (the single `.pt` that evo2 / vtx load for inference), tensor by tensor.
 
-Export (spec vortex.md §1.6-1.8, §2; savanna.md §6 without its bugs):
+Export (vortex `vortex/model/model.py`, evo2 `evo2/configs/*.yml`; savanna's
+`tools/statedict_convert_checkpoint_to_vortex.py` without its bugs):
 - hcm `filter.h` = `h[:, :128] * decay[:, :128]` formed in the weights' dtype (as savanna does in
   training) and sliced to `hcm_filter_len` taps; the upstream converter kept the full width, which
-  vortex refuses (savanna.md §6.4).
+  vortex refuses.
 - hcl `log_poles = -exp(p) * exp(gamma)` `[H, 16, 1]` and `residues = R` `[H, 16]`, in float32.
 - featurizer conv `[3H, 3]` -> `[3H, 1, 3]`; attention `Wqkv` rows stay in savanna's per-head
-  order (vortex permutes them at load, §2.3); `inv_freq` as float32 (vortex recomputes a non-fp32
-  one from the YAML base, which would change numerics).
+  order (vortex permutes them at load, `custom_load_state_dict`); `inv_freq` as float32 (vortex
+  recomputes a non-fp32 one from the YAML base, which would change numerics).
 - the final norm is found by its index N+3 and written as top-level `norm.scale`, so the guide's
   `hotfix_norm_scale.py` is never needed; `unembed.weight` = the embedding (same storage).
-- a vortex YAML config next to the `.pt` (the keys evo2's configs use, §1.8).
+- a vortex YAML config next to the `.pt` (the keys evo2's `evo2/configs/*.yml` use).
 
 Import (a vortex `.pt` -> savanna layout, so inference releases can be finetuned): the layer kinds
 are read off the keys; `p = log(-log_poles)`, `gamma = 0`, `R = residues` gives the same modal
@@ -65,7 +66,7 @@ DROPPED_SUFFIXES = (
 
 
 def block_index(layer: int) -> int:
-    """savanna `sequential.{k}` index of layer `layer` (spec savanna.md §2.1)."""
+    """savanna `sequential.{k}` index of layer `layer` (savanna `savanna/model/backbone.py`)."""
     return layer + 2
 
 
@@ -177,7 +178,7 @@ def savanna_to_vortex(sd: Mapping[str, Tensor], cfg: ModelConfig) -> Iterator[tu
 
 
 def vortex_config(cfg: ModelConfig, max_seqlen: int) -> dict[str, Any]:
-    """The vortex/evo2 YAML for this model (spec vortex.md §1.8), for a non-FP8 bf16 checkpoint."""
+    """The vortex/evo2 YAML (the keys of evo2 `evo2/configs/*.yml`), non-FP8 bf16 checkpoint."""
     kinds = cfg.layer_types()
 
     def idxs(kind: str) -> list[int]:
