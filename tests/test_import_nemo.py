@@ -193,7 +193,13 @@ def test_torch_dist_tensor_parallel_chunks_merge(tmp_path, compose_cfg, source):
     import torch.distributed as dist
 
     # Sharded tensors need a process group: one gloo rank holding both chunks.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    # (an in-process finetune earlier in the session may have left its one-rank group up: reuse it)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+        )
+    assert dist.get_world_size() == 1
     tp2 = tmp_path / "tp2"
     try:
         state = {
@@ -205,7 +211,8 @@ def test_torch_dist_tensor_parallel_chunks_merge(tmp_path, compose_cfg, source):
         shutil.copy(n1 / "weights" / "metadata.json", tp2 / "weights")
         dcp.save(state, storage_writer=FileSystemWriter(str(tp2 / "weights")))
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
     meta = dcp.FileSystemReader(str(tp2 / "weights")).read_metadata()
     chunked = [k for k, m in meta.state_dict_metadata.items() if len(getattr(m, "chunks", [])) == 2]
     assert chunked and isinstance(
