@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from evo2_hydra.distributed import SINGLE_MARKER
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer.embed import run_embed
 from evo2_hydra.infer.vep import run_vep
@@ -67,6 +68,8 @@ def test_score_sharded_equals_single_and_resumes(compose_cfg, setup, tmp_path, m
     resumed = tmp_path / "resumed"
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    # as torchrun would start it: not the variables an earlier in-process run exported itself
+    monkeypatch.delenv(SINGLE_MARKER, raising=False)
     run_score(to_obj(compose_cfg([*args, f"score.output={resumed}", "cluster.tasks=2"])))
     assert not resumed.exists()  # shard 1 missing: nothing merged yet
     shard0 = tmp_path / ".resumed.shards" / "00000-of-00002" / "scores.jsonl"

@@ -137,7 +137,8 @@ def test_score_step_folder_bf16_and_reverse_complement(
     rows = [json.loads(line) for line in (out_bf16 / "scores.jsonl").read_text().splitlines()]
     reference = reference_scores(cfg, state)
     for row, (total, _) in zip(rows, reference):
-        assert row["mean_log_likelihood"] == pytest.approx(total / (row["length"] - 1), abs=0.1)
+        # bf16 vs the float32 reference: ~0.5% apart, depending on thread count (reduction order)
+        assert row["mean_log_likelihood"] == pytest.approx(total / (row["length"] - 1), rel=2e-2)
     assert not (out_bf16 / "logits").exists()
 
     out_rc = run_score(
