@@ -47,6 +47,18 @@ def tiny():
     return model_config("evo2_tiny")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: a tiny model's ops are too small to split (on a shared
+    2-core machine 2 threads ran ~30x slower than 1, as tests/test_generate.py found)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def to_obj(cfg: DictConfig):
     return OmegaConf.to_object(cfg)
 

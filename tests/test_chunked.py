@@ -27,14 +27,7 @@ CHUNK = 1024
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to split: on a shared 2-core machine 2 threads ran ~30x
-    slower than 1 (as tests/test_generate.py found for decoding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def long_memory_model():

@@ -31,14 +31,7 @@ CONTEXT = 256
 HOOK_NAMES = ["embedding_layer", "blocks.0.mlp.l3", "blocks.3", "blocks.5.mlp", "blocks.7", "norm"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to split: on a shared 2-core machine 2 threads ran ~30x
-    slower than 1 (as tests/test_generate.py found for decoding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vtx_hooks(vortex_state, config, input_ids, workdir, names):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pysam
 import pytest
-import torch
 
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer.vep import score_from_scratch, score_shared
@@ -26,14 +25,7 @@ WINDOW = 200
 EXAMPLE = REPO / "examples" / "vep"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to split: on a shared 2-core machine 2 threads ran ~30x
-    slower than 1 (as tests/test_generate.py found for decoding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,8 @@ from evo2_hydra.infer import common
 from evo2_hydra.infer.shard import rank_and_world, run_sharded
 from evo2_hydra.infer.variants import Variant, open_reference, read_variants
 from evo2_hydra.model import StripedHyena2
-from evo2_hydra.model.chunked import chunk_spans, clone_cache, forward_chunk, new_cache
+from evo2_hydra.model.chunked import chunk_spans, forward_chunk, new_cache
+from evo2_hydra.model.decode import clone_cache
 from evo2_hydra.score import reverse_complement
 
 log = logging.getLogger(__name__)

@@ -239,30 +239,6 @@ def chunk_spans(length: int, chunk_tokens: int | None) -> Iterator[tuple[int, in
         yield start, min(length, start + step)
 
 
-def clone_cache(cache: InferenceCache, batch: int | None = None) -> InferenceCache:
-    """An independent copy (optionally repeated to `batch` rows from a batch-1 cache): a shared
-    prefix is run once and continued several ways (variant windows).
-    """
-
-    def copy(t: Tensor) -> Tensor:
-        if batch is None:
-            return t.clone()
-        return t.expand(batch, *t.shape[1:]).clone()
-
-    layers: list[object] = []
-    for layer in cache.layers:
-        if isinstance(layer, AttentionLayerCache):
-            layers.append(AttentionLayerCache(copy(layer.keys), copy(layer.values)))
-            continue
-        op = layer.operator
-        if isinstance(op, ModalState):
-            op = ModalState(copy(op.state), op.poles, op.residues)
-        else:
-            op = FirState(copy(op.history))
-        layers.append(HyenaLayerCache(FirState(copy(layer.featurizer.history)), op))
-    return InferenceCache(layers, cache.position, cache.max_length)
-
-
 @torch.no_grad()
 def prefill_chunked(
     model: StripedHyena2, input_ids: Tensor, max_length: int, chunk_tokens: int

@@ -203,24 +203,31 @@ def prefill(
     return cache, _logits(model, x)
 
 
-def repeat_batch(cache: InferenceCache, n: int) -> InferenceCache:
-    """A cache for `n` copies of a batch-1 cache's sequence (prefill a shared prompt once)."""
+def clone_cache(cache: InferenceCache, batch: int | None = None) -> InferenceCache:
+    """An independent copy of `cache`, or with `batch`, `batch` copies of a batch-1 cache's
+    sequence: a shared prefix (a prompt, a variant window) is run once and continued several ways.
+    """
 
-    def rep(t: Tensor) -> Tensor:
-        return t.expand(n, *t.shape[1:]).clone()
+    def copy(t: Tensor) -> Tensor:
+        return t.clone() if batch is None else t.expand(batch, *t.shape[1:]).clone()
 
     layers: list[object] = []
     for layer in cache.layers:
         if isinstance(layer, AttentionLayerCache):
-            layers.append(AttentionLayerCache(rep(layer.keys), rep(layer.values)))
+            layers.append(AttentionLayerCache(copy(layer.keys), copy(layer.values)))
             continue
         op = layer.operator
         if isinstance(op, ModalState):
-            op = ModalState(rep(op.state), op.poles, op.residues)
+            op = ModalState(copy(op.state), op.poles, op.residues)
         else:
-            op = FirState(rep(op.history))
-        layers.append(HyenaLayerCache(FirState(rep(layer.featurizer.history)), op))
+            op = FirState(copy(op.history))
+        layers.append(HyenaLayerCache(FirState(copy(layer.featurizer.history)), op))
     return InferenceCache(layers, cache.position, cache.max_length)
+
+
+def repeat_batch(cache: InferenceCache, n: int) -> InferenceCache:
+    """A cache for `n` copies of a batch-1 cache's sequence (prefill a shared prompt once)."""
+    return clone_cache(cache, n)
 
 
 # ------------------------------------------------------------------------------ one step
