@@ -2,6 +2,7 @@
 
     python benchmarks/bench_long.py                           # 1B width, blocks SDH*, 4K..16K
     python benchmarks/bench_long.py --lengths 8192 16384 32768 --chunk 2048 --pattern SDH*SDH*
+    python benchmarks/bench_long.py --lengths 8192 16384 32768 65536 131072 --chunk 4096 --unchunked-max 65536
 
 Each point runs in a fresh process (procstat.measure): a model of evo2_1b's width (hidden 1920,
 MLP 5120, 15 heads) with `--pattern` blocks (one of each kind by default) and random weights,
@@ -68,6 +69,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--pattern", default="SDH*")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--unchunked-max",
+        type=int,
+        default=0,
+        help="skip the unchunked forward above this many tokens (0: never skip); "
+        "on a 24 GiB host the 1B-width unchunked forward of 128K tokens does not fit",
+    )
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -85,6 +93,12 @@ def main() -> None:
     print(header + "\n|---|---|---|---|---|---|---|")
     for length in args.lengths:
         for chunk in (0, args.chunk):
+            if not chunk and args.unchunked_max and length > args.unchunked_max:
+                estimate = forward_bytes(cfg, 1, length, 0, torch.float32) / 2**30
+                print(
+                    f"| {length} | unchunked | skipped: estimate {estimate:.1f} GiB, over --unchunked-max |"
+                )
+                continue
             out: list[str] = []
             cmd = [
                 sys.executable,

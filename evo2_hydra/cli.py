@@ -37,7 +37,7 @@ from evo2_hydra.config import (
     VortexTargetConfig,
     check_known_keys,
 )
-from evo2_hydra.errors import UserError
+from evo2_hydra.errors import UserError, interrupted_message
 
 log = logging.getLogger("evo2_hydra")
 
@@ -173,9 +173,9 @@ def describe_os_error(err: OSError) -> str:
     return f"{err.filename}: {cause}"
 
 
-def _interrupted() -> None:
+def _interrupted(err: KeyboardInterrupt) -> None:
     _remove_run_dir_if_empty()
-    print("error: interrupted (Ctrl-C): stopped without saving", file=sys.stderr)
+    print(f"error: {interrupted_message(err)}", file=sys.stderr)
     sys.exit(130)
 
 
@@ -221,8 +221,8 @@ def run_launch(cfg: DictConfig) -> Any:
         _fail(str(err))
     except OSError as err:
         _fail(describe_os_error(err))
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     finally:
         _remove_run_dir_if_empty()
     if isinstance(result, dict) and result.get("stopped_by") == "SIGINT":
@@ -242,8 +242,8 @@ def run_convert(cfg: DictConfig) -> Any:
         _fail(str(err))
     except OSError as err:
         _fail(describe_os_error(err))
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     finally:
         _remove_run_dir_if_empty()
 

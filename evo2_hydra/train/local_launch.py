@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from evo2_hydra.distributed import SINGLE_MARKER, free_port
-from evo2_hydra.errors import UserError
+from evo2_hydra.errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def _child(
     except UserError as err:
         results.put((rank, "user_error", str(err)))
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        results.put((rank, "interrupted", "stopped without saving"))
+    except KeyboardInterrupt as err:  # the value: the step its first Ctrl-C saved, or None
+        results.put((rank, "interrupted", getattr(err, "saved_step", None)))
         raise SystemExit(130) from None
     except OSError as err:  # a file-system error: the CLI prints it as "<path>: <cause>"
         results.put((rank, "os_error", (err.errno, err.strerror, err.filename)))
@@ -83,19 +83,31 @@ def spawn_local_ranks(world: int, target: Callable[[Any], Any], arg: Any) -> Any
     # no reference to them, so the queue's semaphores are released before the process exits.
     outcome, exit_codes, stopped_now = _run_ranks(world, target, arg)
     if stopped_now:
-        raise KeyboardInterrupt("SIGINT")
+        raise Interrupted(_saved_by_first_stop(outcome))
     failures = {r: v for r, (s, v) in outcome.items() if s != "ok"}
     user_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "user_error"]
     if user_errors:
         raise UserError(user_errors[0])
     if any(s == "interrupted" for s, _ in outcome.values()):
-        raise KeyboardInterrupt("SIGINT")
+        raise Interrupted(_saved_by_first_stop(outcome))
     os_errors = [v for r, (s, v) in sorted(outcome.items()) if s == "os_error"]
     if os_errors:
         raise OSError(*os_errors[0])
     if failures or 0 not in outcome:
         raise RuntimeError(f"local ranks failed: {failures or exit_codes}")
     return outcome[0][1]
+
+
+def _saved_by_first_stop(outcome: dict[int, tuple[str, Any]]) -> int | None:
+    """The step a Ctrl-C's checkpoint completed at, as rank 0 saw it (rank 0 writes `latest`
+    last, after every rank's files), or None when the ranks stopped without saving.
+    """
+    status, value = outcome.get(0, ("missing", None))
+    if status == "interrupted":
+        return value
+    if status == "ok" and isinstance(value, dict) and value.get("stopped_by"):
+        return value.get("last_saved_step")
+    return None
 
 
 def _run_ranks(
@@ -147,12 +159,13 @@ def _run_ranks(
         # the second Ctrl-C: the ranks stop at their next Python instruction (their own second
         # SIGINT), unsaved; a rank stuck in a collective is killed after a short grace
         stopped_now = True
-        for p in procs:
-            if p.pid is not None and p.is_alive():
+        for rank, p in enumerate(procs):  # a rank that already reported is only exiting
+            if rank not in outcome and p.pid is not None and p.is_alive():
                 os.kill(p.pid, signal.SIGINT)
         deadline = time.monotonic() + STOP_GRACE_S
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
+        _drain(results, outcome)  # what the ranks reported while stopping
     finally:
         for p in procs:
             if p.pid is not None and p.is_alive():
@@ -163,3 +176,13 @@ def _run_ranks(
     results.close()
     results.join_thread()
     return outcome, {p.name: p.exitcode for p in procs}, stopped_now
+
+
+def _drain(results, outcome: dict[int, tuple[str, Any]]) -> None:
+    """Add every report still in the queue to `outcome` (without waiting for more)."""
+    while True:
+        try:
+            rank, status, value = results.get(timeout=0.1)
+        except Exception:  # queue.Empty
+            return
+        outcome.setdefault(rank, (status, value))

@@ -6,7 +6,8 @@ and the two ways a run stops early.
 - SIGTERM (Slurm preemption, timeout, `kill`) or SIGINT (Ctrl-C): the handler only sets a flag,
   so a signal that arrives mid-step lets the step finish; then every rank saves a checkpoint and
   the loop returns normally (SIGTERM exits 0 so a requeued job auto-resumes from it; SIGINT exits
-  130). A second Ctrl-C stops at once, without saving (KeyboardInterrupt, one line at the CLI).
+  130). A second Ctrl-C stops at once (`Interrupted`: one line at the CLI saying whether this
+  stop's checkpoint completed first).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
-from evo2_hydra.errors import UserError
+from evo2_hydra.errors import Interrupted, UserError
 from evo2_hydra.train.metrics import MetricsLogger, memory_gb
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,13 @@ class LoopResult:
 class StopFlag:
     """Set by SIGTERM or SIGINT; the loop polls it at step boundaries (never interrupts a step).
 
-    A second SIGINT (the user pressing Ctrl-C again) raises KeyboardInterrupt: stop now.
+    A second SIGINT (the user pressing Ctrl-C again) raises `Interrupted`: stop now; it carries
+    the step this stop's checkpoint completed at, if it did before the second Ctrl-C.
     """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.saved_step: int | None = None  # the step this stop's checkpoint completed at
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
@@ -66,7 +69,7 @@ class StopFlag:
             name = signal.Signals(signum).name
             if self.signal_name is not None:
                 if signum == signal.SIGINT:
-                    raise KeyboardInterrupt(name)
+                    raise Interrupted(self.saved_step)
                 return  # already stopping (Slurm may repeat SIGTERM)
             self.signal_name = name
             hint = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
@@ -209,6 +212,7 @@ def train_loop(
             save(step)
             result.last_saved_step = step
         if stopping:
+            stop.saved_step = step  # a second Ctrl-C from here on says what was saved
             result.stopped_by = stop.signal_name or "signal on another rank"
             log.warning("stopped by %s after step %d; checkpoint saved", result.stopped_by, step)
             break
