@@ -8,9 +8,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
-import torch
-
 from evo2_hydra.generate import describe_source, run_generate
 from evo2_hydra.train.run import run_finetune
 from tests.conftest import to_obj
@@ -37,12 +34,36 @@ def gc_fraction(texts: list[str]) -> float:
     return sum(b in "GC" for b in bases) / max(1, len(bases))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
+def generate_per_class(compose_cfg, run_dir: Path, out_root: Path) -> tuple[dict, object]:
+    """task=generate from `run_dir` with each class token: (clade -> rows, the last config).
+
+    The run folder alone says model, context, EOD and the condition mapping (not the command line).
+    """
+    rows = {}
+    for clade in "AB":
+        cfg = compose_cfg(
+            [
+                "task=generate",
+                f"ckpt.path={run_dir}",
+                "data.condition.field=null",  # no mapping on the command line
+                f"generate.condition={clade}",
+                "generate.n=8",
+                "generate.length=30",
+                "generate.temperature=0.7",
+                f"generate.output={out_root / ('gen_' + clade)}",
+            ]
+        )
+        out = run_generate(to_obj(cfg))
+        rows[clade] = [
+            json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()
+        ]
+    return rows, cfg
+
+
+def assert_composition_follows_the_token(fractions: dict[str, float]) -> None:
+    """The conditioning check: generations from A's token are G/C-rich, from B's A/T-rich."""
+    assert fractions["A"] > 0.5 and fractions["B"] < 0.3, fractions
+    assert fractions["A"] - fractions["B"] > 0.4, fractions
 
 
 def test_generated_composition_follows_the_condition_token(compose_cfg, tmp_path, one_thread):
@@ -76,33 +97,13 @@ def test_generated_composition_follows_the_condition_token(compose_cfg, tmp_path
     valid = summary["valid_losses"]
     assert valid[steps] < 0.7 * valid[0], valid  # it learned something
 
-    fractions, rows = {}, {}
-    for clade in "AB":
-        # the run folder alone says model, context, EOD and mapping (not the command line)
-        cfg = compose_cfg(
-            [
-                "task=generate",
-                f"ckpt.path={run_dir}",
-                "data.condition.field=null",  # no mapping on the command line
-                f"generate.condition={clade}",
-                "generate.n=8",
-                "generate.length=30",
-                "generate.temperature=0.7",
-                f"generate.output={tmp_path / ('gen_' + clade)}",
-            ]
-        )
-        out = run_generate(to_obj(cfg))
-        rows[clade] = [
-            json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()
-        ]
-        fractions[clade] = gc_fraction([r["text"] for r in rows[clade]])
-
+    rows, cfg = generate_per_class(compose_cfg, run_dir, tmp_path)
+    fractions = {clade: gc_fraction([r["text"] for r in rows[clade]]) for clade in "AB"}
     assert rows["A"][0]["condition_token"] == "1" and rows["B"][0]["condition_token"] == "2"
     assert rows["A"][0]["checkpoint"]["iteration"] == steps
     # measured: A 0.98, B 0.07 (training data: 0.9 and 0.1); 10 steps gave 0.60 and 0.02
     print("GC fractions", fractions, "valid losses", valid)
-    assert fractions["A"] > 0.5 and fractions["B"] < 0.3, fractions
-    assert fractions["A"] - fractions["B"] > 0.4, fractions
+    assert_composition_follows_the_token(fractions)
     # the run trained with EOD after each document, so generation stops at EOD (mechanics: see
     # test_generation_stops_at_the_stop_token); 0 never appears in the text
     source = describe_source(to_obj(cfg).ckpt, to_obj(cfg).model, to_obj(cfg).data)

@@ -342,3 +342,53 @@ def test_lora_learns_half_of_a_full_finetune(tmp_path):
     print(f"valid loss drop: full {full['valid_losses']} ({drop_full:.3f}), "
           f"LoRA {lora['valid_losses']} ({drop_lora:.3f})")  # fmt: skip
     assert drop_full > 0 and drop_lora >= 0.5 * drop_full
+
+
+@pytest.mark.slow
+def test_generation_follows_the_condition_token_after_a_lora_finetune(
+    compose_cfg, tmp_path, one_thread
+):
+    """The generation tests' conditioning check (GC of generations by prompt token), after a LoRA
+    finetune of the shipped base on the same two-class data (measured: A 0.98, B 0.02 after 30
+    steps at lr 3e-3; 1e-2 gave 0.83 / 0.08; a full finetune from scratch, test_generate_finetune:
+    0.98 / 0.07).
+    """
+    from tests.test_generate_finetune import (
+        assert_composition_follows_the_token,
+        gc_fraction,
+        generate_per_class,
+        write_jsonl,
+    )
+
+    write_jsonl(tmp_path / "train.jsonl", 64, seed=0)
+    write_jsonl(tmp_path / "valid.jsonl", 8, seed=1)
+    run_dir = tmp_path / "lora_run"
+    steps = 30
+    summary = run_finetune(
+        compose_run(
+            run_dir,
+            "peft=lora",  # the default ckpt.path: the shipped base, frozen
+            "ckpt.context=32",
+            f"data.input={tmp_path / 'train.jsonl'}",
+            f"data.valid_input={tmp_path / 'valid.jsonl'}",
+            f"data.cache_dir={tmp_path / 'data'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"train.steps={steps}",
+            "train.micro_batch_size=16",
+            "train.lr=3e-3",
+            "train.min_lr=1e-3",
+            "train.warmup=0.1",
+            "train.precision=float32",
+            "train.zero_stage=0",
+            f"train.eval_every={steps}",
+            "train.eval_steps=1",
+            f"train.save_every={steps}",
+        )
+    )
+    valid = summary["valid_losses"]
+    assert valid[steps] < 0.7 * valid[0], valid
+    rows, _ = generate_per_class(compose_cfg, run_dir, tmp_path)
+    assert rows["A"][0]["checkpoint"]["iteration"] == steps
+    fractions = {clade: gc_fraction([r["text"] for r in rows[clade]]) for clade in "AB"}
+    print("GC fractions after LoRA", fractions, "valid losses", valid)
+    assert_composition_follows_the_token(fractions)
