@@ -199,6 +199,40 @@ def test_exact_resume_after_sigterm_mid_step(make_run, monkeypatch):
     ]
 
 
+@pytest.mark.parametrize("stage,offload", [(2, "optimizer"), (3, "optimizer_and_params")])
+def test_offload_trains_as_without_and_resumes_exactly(make_run, monkeypatch, stage, offload):
+    """train.offload on CPU: DeepSpeed's engine really offloads (ZeRO-Offload / ZeRO-Infinity
+    code paths), the losses equal the same run without offload, and a SIGTERM + auto-resume of
+    the offloaded run continues them exactly."""
+    from evo2_hydra.train import engine as engine_module
+
+    args = (f"train.zero_stage={stage}", "train.precision=float32", "train.steps=4")
+    args += ("train.save_every=100", "train.eval_every=100")
+    reference = run_finetune(make_run("plain", *args))
+
+    engines = []
+    real_build = engine_module.build_engine
+
+    def recording_build(*a, **kw):
+        engines.append(real_build(*a, **kw))
+        return engines[-1]
+
+    monkeypatch.setattr(engine_module, "build_engine", recording_build)
+    _signal_at(monkeypatch, train_call=2, sig=True)  # step 2 finishes, is saved, the run stops
+    offloaded = make_run("offloaded", *args, f"train.offload={offload}")
+    first = run_finetune(offloaded)
+    assert first["stopped_by"] == "SIGTERM" and first["last_step"] == 2
+    assert engines[0].zero_cpu_offload()  # the optimizer states live in CPU memory
+    assert bool(engines[0].zero_offload_param()) == (offload == "optimizer_and_params")
+    monkeypatch.undo()
+    second = run_finetune(offloaded)  # auto-resume, offloaded optimizer state included
+    assert second["start_step"] == 2 and second["last_step"] == 4
+    losses = {**first["losses"], **second["losses"]}
+    assert losses.keys() == reference["losses"].keys()
+    for step, loss in reference["losses"].items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), (step, losses, reference["losses"])
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(make_run, monkeypatch):
     run = make_run("run", "train.zero_stage=0", "train.steps=5", "train.save_every=2")
     _signal_at(monkeypatch, train_call=4, nan=True)
