@@ -1,6 +1,6 @@
 """The memory model behind task=plan: hand-computed values, the candidate table and its
 recommendation, refusals that name the set-up that fits, and the model-state bytes measured on a
-real DeepSpeed engine (CPU, world size 1) per ZeRO stage, full and LoRA."""
+real DeepSpeed engine (CPU, world sizes 1 and 2) per ZeRO stage, full and LoRA."""
 
 from __future__ import annotations
 
@@ -116,8 +116,8 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def measure_engine(model_cfg, stage: int, precision: Dtype, lora: bool) -> dict:
-    """Build the engine exactly as task=finetune does, take one step, count what it holds."""
+def measure_engine(model_cfg, stage: int, precision: Dtype, lora: bool, world: int = 1) -> dict:
+    """Build the engine exactly as task=finetune does, take one step, count what this rank holds."""
     from evo2_hydra.config import ClusterConfig
     from evo2_hydra.distributed import setup_distributed
     from evo2_hydra.model import build_model
@@ -125,7 +125,7 @@ def measure_engine(model_cfg, stage: int, precision: Dtype, lora: bool) -> dict:
     from evo2_hydra.train.engine import batch_plan, build_engine, deepspeed_config
     from evo2_hydra.train.optim import AnnealingLR, build_optimizer
 
-    info = setup_distributed(ClusterConfig(tasks=1))
+    info = setup_distributed(ClusterConfig(tasks=world))
     train = TrainConfig(zero_stage=stage, precision=precision, steps=2)
     torch.manual_seed(0)
     model = build_model(model_cfg, 64, device="cpu")
@@ -133,7 +133,7 @@ def measure_engine(model_cfg, stage: int, precision: Dtype, lora: bool) -> dict:
         add_lora(model, LORA)
     opt = build_optimizer(model, train, info.device)
     engine = build_engine(
-        model, opt, AnnealingLR(opt, train), deepspeed_config(train, batch_plan(1, 1, 1))
+        model, opt, AnnealingLR(opt, train), deepspeed_config(train, batch_plan(world, 1, 1))
     )
     loss = engine(torch.randint(0, 255, (1, 64))).float().mean()
     engine.backward(loss)
@@ -175,6 +175,34 @@ def test_model_states_match_a_real_engine(compose_cfg, stage, lora):
     assert measured["trainable"] == est.trainable
     assert measured["weights"] == round(est.weights_gb * GIB)
     assert measured["optimizer"] == round(est.optimizer_gb * GIB)
+
+
+def measure_every_stage_on_this_rank(model_cfg) -> dict:
+    """One local rank's measurements for ZeRO 0-3, full and LoRA (spawn_local_ranks target)."""
+    return {
+        (stage, lora): measure_engine(model_cfg, stage, Dtype.bfloat16, lora, world=2)
+        for stage in (0, 1, 2, 3)
+        for lora in (False, True)
+    }
+
+
+def test_model_states_match_a_real_engine_on_two_ranks(compose_cfg):
+    """Per-rank weights and optimizer state of the estimate at world size 2 == the bytes rank 0 of
+    a 2-rank DeepSpeed engine holds, at every ZeRO stage, full and LoRA (evo2_tiny's sizes split
+    evenly, so DeepSpeed adds no partition padding)."""
+    from evo2_hydra.train.local_launch import spawn_local_ranks
+
+    model_cfg = to_obj(compose_cfg(["ckpt.context=64"])).model
+    measured = spawn_local_ranks(2, measure_every_stage_on_this_rank, model_cfg)
+    for (stage, lora), got in measured.items():
+        train = TrainConfig(zero_stage=stage, precision=Dtype.bfloat16)
+        est = estimate_memory(model_cfg, 64, train, 2, 80, peft=LORA if lora else None)
+        expected = {
+            "weights": round(est.weights_gb * GIB),
+            "optimizer": round(est.optimizer_gb * GIB),
+            "trainable": est.trainable,
+        }
+        assert got == expected, (stage, lora)
 
 
 def test_bench_train_tiny_runs():
