@@ -389,3 +389,33 @@ def test_model_package_imports_no_hydra():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+
+
+PATH_FIELD = re.compile(r"(^|_)(input|output|path|reference|variants|prompts|tsv|dir|root)$")
+
+
+def test_sweep_folder_names_leave_out_every_path():
+    """A path in a sweep point's folder name (override_dirname) would nest folders by its
+    slashes: every path-valued key is excluded (a whole excluded group counts)."""
+    import typing
+
+    from evo2_hydra import config as config_module
+
+    def keys(cls, prefix=""):
+        out = []
+        for name, kind in typing.get_type_hints(cls, vars(config_module)).items():
+            if dataclasses.is_dataclass(kind):
+                out += keys(kind, f"{prefix}{name}.")
+            elif PATH_FIELD.search(name):
+                out.append(prefix + name)
+        return out
+
+    excluded = set(
+        yaml.safe_load((CONF / "train.yaml").read_text())["hydra"]["job"]["config"][
+            "override_dirname"
+        ]["exclude_keys"]
+    )
+    path_keys = keys(RunConfig)
+    assert {"score.input", "vep.reference", "data.input", "ckpt.path"} <= set(path_keys)
+    missing = [k for k in path_keys if k not in excluded and k.split(".")[0] not in excluded]
+    assert not missing, f"add to hydra.job.config.override_dirname.exclude_keys: {missing}"

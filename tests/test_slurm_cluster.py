@@ -334,3 +334,101 @@ def test_site_checks_against_the_real_cluster(overrides, message):
     with pytest.raises(UserError) as err:
         check_site(cluster)
     assert message in str(err.value)
+
+
+# ---- sharded inference on Slurm ----------------------------------------------------------------
+
+TEXTS = ["ACGTTGCAAC", "GGGCCCATATAT" * 3, "acgtNNaccc", "TTTTTTTTTTTTTTTTTA", "GATTACA" * 5]
+
+
+def test_score_embed_vep_split_across_slurm_tasks(shared, tmp_path, compose_cfg, monkeypatch):
+    """task=score|embed|vep with cluster=slurm: each task of one Slurm job (its rank from Slurm)
+    takes its block of the input, one of them merges in input order; equal to one process. The
+    score job resumes: a shard an earlier attempt finished (marked here) is not recomputed."""
+    import numpy as np
+
+    from evo2_hydra.distributed import SINGLE_MARKER
+    from evo2_hydra.infer.embed import run_embed
+    from evo2_hydra.infer.vep import run_vep
+    from evo2_hydra.score import run_score
+    from tests.conftest import to_obj
+
+    seqs = tmp_path / "seqs.jsonl"
+    seqs.write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))  # fmt: skip
+    example = REPO / "examples" / "vep"
+    tasks = {
+        "score": [f"score.input={seqs}", "score.log_probs=true"],
+        "embed": [f"embed.input={seqs}", "embed.layers=[blocks.3,norm]"],
+        "vep": [
+            f"vep.reference={example / 'reference.fa'}",
+            f"vep.variants={example / 'variants.vcf'}",
+            "vep.window=48",
+        ],
+    }
+    common = [f"ckpt.path={shared['base']}", f"ckpt.context={CONTEXT}", "cluster.device=cpu"]
+
+    # the score job's rank 0 finished in an earlier attempt: its shard is there, marked
+    score_out = tmp_path / "slurm_score"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(SINGLE_MARKER, raising=False)
+    args = [*common, "task=score", *tasks["score"], f"score.output={score_out}", "cluster.tasks=2"]
+    run_score(to_obj(compose_cfg(args)))
+    shard0 = tmp_path / ".slurm_score.shards" / "00000-of-00002" / "scores.jsonl"
+    marked = [dict(json.loads(line), marker="earlier") for line in shard0.read_text().splitlines()]
+    shard0.write_text("".join(json.dumps(r) + "\n" for r in marked))
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+
+    jobs = {
+        task: Launch(
+            tmp_path / f"sub_{task}",
+            slurm_args(
+                shared,
+                tmp_path / f"sub_{task}",
+                f"cluster.tasks_per_node={3 if task == 'vep' else 2}",
+                f"task={task}",
+                f"ckpt.context={CONTEXT}",
+                *extra,
+                f"{task}.output={tmp_path / ('slurm_' + task)}",
+            ),
+        )
+        for task, extra in tasks.items()
+    }
+    single = {
+        task: run(
+            to_obj(
+                compose_cfg(
+                    [*common, f"task={task}", *extra, f"{task}.output={tmp_path / ('one_' + task)}"]
+                )
+            )
+        )  # fmt: skip
+        for (task, extra), run in zip(tasks.items(), (run_score, run_embed, run_vep), strict=True)
+    }
+    for task, job in jobs.items():
+        res = job.result()
+        assert res.returncode == 0, (task, res.stderr[-3000:])
+        (job_dir,) = job_folders(job.out)
+        logs = "".join(p.read_text() for p in sorted(job_dir.glob("*_log.*")))
+        assert len(list(job_dir.glob("*_log.out"))) == (3 if task == "vep" else 2)
+        assert "merged" in logs and f"shards into {tmp_path / ('slurm_' + task)}" in logs, logs[
+            -3000:
+        ]
+
+    rows = [json.loads(ln) for ln in (score_out / "scores.jsonl").read_text().splitlines()]
+    ref = [json.loads(ln) for ln in (single["score"] / "scores.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(len(TEXTS))]
+    assert [r.get("marker") for r in rows] == ["earlier"] * 2 + [None] * 3  # rank 0 skipped
+    for a, b in zip(ref, rows, strict=True):
+        assert a["sum_log_likelihood"] == pytest.approx(b["sum_log_likelihood"], abs=1e-6)
+    embed_out = tmp_path / "slurm_embed"
+    for layer in ("blocks.3", "norm"):
+        np.testing.assert_allclose(
+            np.load(single["embed"] / f"{layer}.npy"),
+            np.load(embed_out / f"{layer}.npy"),
+            atol=1e-6,
+        )
+    assert (single["embed"] / "index.jsonl").read_text() == (embed_out / "index.jsonl").read_text()
+    vep_out = tmp_path / "slurm_vep"
+    assert (single["vep"] / "vep.tsv").read_text() == (vep_out / "vep.tsv").read_text()
+    assert not list(tmp_path.glob(".slurm_*.shards"))  # shards removed after the merge
