@@ -36,10 +36,9 @@ from evo2_hydra.config import (
     RunConfig,
     ScoreConfig,
 )
-from evo2_hydra.data.records import SequenceRecord
-from evo2_hydra.data.records import read_sequences as read_records
-from evo2_hydra.data.text import TextPolicy, policy_for_checkpoint
+from evo2_hydra.data.text import policy_for_checkpoint
 from evo2_hydra.errors import UserError
+from evo2_hydra.infer.common import read_records, tokenize
 from evo2_hydra.model import StripedHyena2, build_model, load_into_model
 from evo2_hydra.outputs import check_new_output, default_output
 
@@ -48,40 +47,6 @@ log = logging.getLogger(__name__)
 PAD_ID = 1  # CharLevelTokenizer pad; right padding never influences earlier positions (causal)
 COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 CONTEXT_SUFFIXES = ("mixer.mixer.filter.h", "mixer.mixer.filter.decay", "mixer.mixer.filter.t")
-
-
-def read_sequences(
-    path: Path, text_key: str, max_len: int, policy: TextPolicy | None = None
-) -> list[SequenceRecord]:
-    """Parse, normalise and validate every record before any work; errors name file and line."""
-    records, skipped = read_records(
-        path,
-        key="score.input",
-        policy=policy or TextPolicy(),
-        text_key=text_key,
-        min_length=2,
-    )
-    if skipped:
-        log.warning(
-            "skipped %d sequences with characters outside data.charset (data.alphabet=skip), "
-            "e.g. %s",
-            len(skipped),
-            skipped[0],
-        )
-    for record in records:
-        if len(record.text.encode("utf-8")) > max_len:
-            raise UserError(
-                f"{record.where}: sequence of {len(record.text.encode('utf-8'))} tokens exceeds "
-                f"ckpt.context={max_len}"
-            )
-    if not records:
-        raise UserError(f"{path}: no sequences left to score")
-    return records
-
-
-def tokenize(text: str) -> list[int]:
-    """Token ids of a sequence: its UTF-8 bytes (no BOS)."""
-    return list(text.encode("utf-8"))
 
 
 def reverse_complement(text: str) -> str:
@@ -274,7 +239,9 @@ def run_score(run: RunConfig) -> Path:
         output = default_output(run.ckpt.path, run.paths.output_root, "scores")
     policy, policy_from = policy_for_checkpoint(run.ckpt.path, run.data)
     log.info("text policy (from %s): %s", policy_from, policy.to_dict())
-    records = read_sequences(Path(score.input), score.text_key, run.ckpt.context, policy)
+    records = read_records(
+        score.input, score.text_key, run.ckpt.context, "score.input", policy, min_length=2
+    )
     dtype = torch.bfloat16 if score.dtype == Dtype.bfloat16 else torch.float32
 
     def work(items, tmp: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from evo2_hydra.config import CkptConfig, DataConfig, ModelConfig
+from evo2_hydra.data.records import SequenceRecord, read_sequences
 from evo2_hydra.data.text import TextPolicy
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer.memory import choose_chunk_tokens
@@ -33,30 +34,21 @@ PAD_ID = 1  # CharLevelTokenizer pad; right padding never reaches earlier positi
 # ------------------------------------------------------------------------------ input
 
 
-@dataclass
-class Record:
-    """One input sequence of score/embed/vep, in input order."""
-
-    index: int  # position in the input (0-based), the order outputs keep
-    id: object
-    text: str
-
-
 def read_records(
     path: str | Path,
     text_key: str,
     max_len: int,
     key: str,
     policy: TextPolicy | None = None,
-) -> list[Record]:
-    """Every sequence of the input (JSONL or FASTA, plain or gzip) as model input under the
+    min_length: int = 1,
+) -> list[SequenceRecord]:
+    """Every sequence of `key`'s input (JSONL or FASTA, plain or gzip) as model input under the
     run's text policy (`policy_for_checkpoint`), validated before any work; errors name the file
-    and line or record (`evo2_hydra.data.records`).
+    and line or record (`evo2_hydra.data.records`). `min_length`: 2 where a score needs a
+    next-token prediction.
     """
-    from evo2_hydra.data.records import read_sequences
-
     records, skipped = read_sequences(
-        path, key=key, policy=policy or TextPolicy(), text_key=text_key, min_length=1
+        path, key=key, policy=policy or TextPolicy(), text_key=text_key, min_length=min_length
     )
     if skipped:
         log.warning(
@@ -73,8 +65,8 @@ def read_records(
                 f"ckpt.context={max_len}"
             )
     if not records:
-        raise UserError(f"{path}: no sequences left")
-    return [Record(r.index, r.id, r.text) for r in records]
+        raise UserError(f"{path}: no sequences left ({key})")
+    return records
 
 
 def tokenize(text: str) -> list[int]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from evo2_hydra.config import Dtype, EmbedConfig, EmbedPool, ModelConfig, RunConfig, SaveDtype
+from evo2_hydra.data.records import SequenceRecord
 from evo2_hydra.data.text import policy_for_checkpoint
 from evo2_hydra.errors import UserError
 from evo2_hydra.infer import common
@@ -115,7 +116,7 @@ def embed_batch(
 def _embed_into(
     model: StripedHyena2,
     cfg: ModelConfig,
-    records: Sequence[common.Record],
+    records: Sequence[SequenceRecord],
     settings: EmbedConfig,
     layers: dict[str, str],
     folder: Path,
@@ -215,7 +216,7 @@ def run_embed(run: RunConfig) -> Path:
         "checkpoint": source.checkpoint,
     }
 
-    def work(items: Sequence[common.Record], folder: Path) -> None:
+    def work(items: Sequence[SequenceRecord], folder: Path) -> None:
         device = common.device_for_rank(_device(run))
         from evo2_hydra.score import load_scoring_model
 
