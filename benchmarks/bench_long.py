@@ -47,7 +47,7 @@ def rss_anon_mib() -> float:
 def child(length: int, chunk: int, pattern: str, threads: int) -> None:
     import torch
 
-    from evo2_hydra.infer.common import sequence_log_probs
+    from evo2_hydra.infer.common import resolve_chunk, sequence_log_probs
     from evo2_hydra.model import build_model
 
     torch.set_num_threads(threads)
@@ -57,6 +57,7 @@ def child(length: int, chunk: int, pattern: str, threads: int) -> None:
     ids = torch.randint(65, 90, (1, length))
     before = rss_anon_mib()
     started = time.perf_counter()
+    chunk = resolve_chunk(chunk, model, cfg, 1, length)  # as task=score resolves it
     with torch.no_grad():
         lp = sequence_log_probs(model, ids, chunk)
     seconds = time.perf_counter() - started

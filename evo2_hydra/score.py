@@ -118,8 +118,7 @@ def score_batch(
     for row, seq in enumerate(tokens):
         ids[row, : len(seq)] = torch.tensor(seq)
     ids = ids.to(model.embedding.weight.device)
-    if chunk_tokens is None:
-        chunk_tokens = resolve_chunk(None, model, model_cfg, len(tokens), longest)
+    chunk_tokens = resolve_chunk(chunk_tokens, model, model_cfg, len(tokens), longest)
     if not chunk_tokens or chunk_tokens >= longest:
         logits = model(ids).float()
         chunks = [(logits, next_token_log_probs(logits, ids, 0, longest))]

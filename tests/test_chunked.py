@@ -158,3 +158,36 @@ def test_automatic_chunking_follows_free_memory():
     assert 1024 <= chunk < 1 << 18 and chunk % 1024 == 0
     with pytest.raises(UserError, match="attention KV cache"):
         choose_chunk_tokens(cfg, 1, 1 << 24, f32, cpu, available=8 * GIB)
+
+
+HEAP_PROBE = """
+import sys, torch
+from evo2_hydra.infer import memory
+from evo2_hydra.infer.common import resolve_chunk
+from evo2_hydra.model import build_model
+from tests.vtx_reference import model_config
+cfg = model_config("evo2_tiny")
+model = build_model(cfg, 64, device="cpu")
+setting, length = int(sys.argv[1]), int(sys.argv[2])
+resolve_chunk(setting, model, cfg, 1, length)
+print(memory._heap_fixed)
+"""
+
+
+@pytest.mark.parametrize(
+    "setting,length,fixed", [(1024, 4096, True), (0, 4096, False), (4096, 4096, False)]
+)
+def test_chunking_on_the_cpu_fixes_the_mmap_threshold(setting, length, fixed):
+    """A chunked CPU run (and only a chunked one) fixes glibc's mmap threshold, which keeps the
+    heap from fragmenting as the sequence advances (infer/memory.py; measured by bench_long)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE, str(setting), str(length)],
+        cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(fixed)

@@ -22,7 +22,7 @@ from evo2_hydra.config import CkptConfig, DataConfig, ModelConfig
 from evo2_hydra.data.records import SequenceRecord, read_sequences
 from evo2_hydra.data.text import TextPolicy
 from evo2_hydra.errors import UserError
-from evo2_hydra.infer.memory import choose_chunk_tokens
+from evo2_hydra.infer.memory import choose_chunk_tokens, keep_cpu_heap_flat
 from evo2_hydra.model import StripedHyena2
 from evo2_hydra.model.chunked import Capture, chunk_spans, forward_chunk, new_cache
 
@@ -194,11 +194,15 @@ def pad_batch(tokens: list[list[int]], device: torch.device) -> Tensor:
 def resolve_chunk(
     setting: int | None, model: StripedHyena2, cfg: ModelConfig, batch: int, length: int
 ) -> int:
-    """Tokens per chunk: the configured value (0 = never chunk), or automatic (None)."""
-    if setting is not None:
-        return setting
+    """Tokens per chunk: the configured value (0 = never chunk), or automatic (None). Chunking
+    on the CPU fixes the allocator's mmap threshold (`memory.keep_cpu_heap_flat`).
+    """
     param = model.embedding.weight
-    return choose_chunk_tokens(cfg, batch, length, param.dtype, param.device)
+    if setting is None:
+        setting = choose_chunk_tokens(cfg, batch, length, param.dtype, param.device)
+    if setting and setting < length and param.device.type == "cpu":
+        keep_cpu_heap_flat()
+    return setting
 
 
 def run_chunks(
