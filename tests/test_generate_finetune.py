@@ -66,29 +66,37 @@ def assert_composition_follows_the_token(fractions: dict[str, float]) -> None:
     assert fractions["A"] - fractions["B"] > 0.4, fractions
 
 
-def test_generated_composition_follows_the_condition_token(compose_cfg, tmp_path, one_thread):
+def two_class_finetune(tmp_path: Path, steps: int, lr: float) -> list[str]:
+    """Write the two-class data into `tmp_path`; the finetune overrides that train on it
+    (context 32, float32, ZeRO-0, one validation at the end)."""
     write_jsonl(tmp_path / "train.jsonl", 64, seed=0)
     write_jsonl(tmp_path / "valid.jsonl", 8, seed=1)
+    return [
+        "ckpt.context=32",
+        f"data.input={tmp_path / 'train.jsonl'}",
+        f"data.valid_input={tmp_path / 'valid.jsonl'}",
+        f"data.cache_dir={tmp_path / 'cache'}",  # data=example: clade A -> '1', B -> '2'
+        f"train.steps={steps}",
+        "train.micro_batch_size=16",
+        f"train.lr={lr}",
+        "train.min_lr=1e-3",
+        "train.warmup=0.1",
+        "train.precision=float32",
+        "train.zero_stage=0",
+        f"train.eval_every={steps}",
+        "train.eval_steps=1",
+        f"train.save_every={steps}",
+    ]
+
+
+def test_generated_composition_follows_the_condition_token(compose_cfg, tmp_path, one_thread):
     run_dir = tmp_path / "run"
     steps = 14
     finetune = compose_cfg(
         [
             "ckpt.path=null",
             "ckpt.random_init=true",  # fresh evo2_tiny; the recipe is the same from a checkpoint
-            "ckpt.context=32",
-            f"data.input={tmp_path / 'train.jsonl'}",
-            f"data.valid_input={tmp_path / 'valid.jsonl'}",
-            f"data.cache_dir={tmp_path / 'cache'}",  # data=example: clade A -> '1', B -> '2'
-            f"train.steps={steps}",
-            "train.micro_batch_size=16",
-            "train.lr=2e-2",
-            "train.min_lr=1e-3",
-            "train.warmup=0.1",
-            "train.precision=float32",
-            "train.zero_stage=0",
-            f"train.eval_every={steps}",
-            "train.eval_steps=1",
-            f"train.save_every={steps}",
+            *two_class_finetune(tmp_path, steps, 2e-2),
         ]
     )
     finetune.output_dir = str(run_dir)

@@ -357,32 +357,17 @@ def test_generation_follows_the_condition_token_after_a_lora_finetune(
         assert_composition_follows_the_token,
         gc_fraction,
         generate_per_class,
-        write_jsonl,
+        two_class_finetune,
     )
 
-    write_jsonl(tmp_path / "train.jsonl", 64, seed=0)
-    write_jsonl(tmp_path / "valid.jsonl", 8, seed=1)
     run_dir = tmp_path / "lora_run"
     steps = 30
     summary = run_finetune(
         compose_run(
             run_dir,
             "peft=lora",  # the default ckpt.path: the shipped base, frozen
-            "ckpt.context=32",
-            f"data.input={tmp_path / 'train.jsonl'}",
-            f"data.valid_input={tmp_path / 'valid.jsonl'}",
-            f"data.cache_dir={tmp_path / 'data'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"train.steps={steps}",
-            "train.micro_batch_size=16",
-            "train.lr=3e-3",
-            "train.min_lr=1e-3",
-            "train.warmup=0.1",
-            "train.precision=float32",
-            "train.zero_stage=0",
-            f"train.eval_every={steps}",
-            "train.eval_steps=1",
-            f"train.save_every={steps}",
+            f"paths.cache_dir={tmp_path / 'base_cache'}",
+            *two_class_finetune(tmp_path, steps, 3e-3),
         )
     )
     valid = summary["valid_losses"]

@@ -4,13 +4,17 @@ Bytes per token of the unchunked forward's peak (no gradients; D hidden, F MLP w
 b = 2 for bf16 / 4 for float32 compute), the larger of its two stages:
   Hyena mixer   b * 6 D + 100 D  residual, normed input, 3D projection (compute dtype) and the
                                  float32 convolution: conv copy, FFT spectra of input and filter,
-                                 their product, the 2L inverse transform (complex64 = 8 bytes);
-                                 calibrated on bench_long (1B width: 215 KB/token measured)
+                                 their product, the 2L inverse transform (complex64 = 8 bytes)
   MLP           b * (2 D + 3 F)  residual, normed input, w1 and w2 outputs and their product
   + logits      12 V             compute-dtype logits, their float32 copy and log-softmax
 Chunked, the same per-token figure applies to `chunk_tokens` tokens, and the attention KV cache
 (2 x D x b per attention layer per token) grows with the whole sequence. benchmarks/bench_long.py
-prints this estimate next to the measured peak.
+prints this estimate next to the measured peak. Fit (1B width, blocks SDH*, float32, CPU): in
+chunks of 4096 it is within 4% of the measured working set (1074/1194/1434 MiB estimated vs
+1076/1242/1483 measured at 8K/16K/32K tokens), and it over-estimates the unchunked forward by ~25%
+(16224 vs 12973 MiB at 64K; 203 KB per token measured), which only makes automatic chunking start
+earlier. A smaller hyena term fitting the unchunked forward would under-estimate chunks, where an
+under-estimate picks a chunk too large.
 
 On the CPU, chunked runs fix glibc's mmap threshold (`keep_cpu_heap_flat`): with glibc's default
 dynamic threshold, chunk-sized buffers (under 32 MiB) come from the heap once a large buffer was
@@ -85,9 +89,10 @@ def longest_sequence(
     overhead: float = 2 * GIB,
 ) -> int:
     """Tokens one sequence may have when scored in chunks on a device of `device_bytes`: what is
-    left after the weights, the CUDA context and one chunk's activations (three times: bench_long
-    measured a chunk's working set at ~2.5x the per-token estimate, allocator
-    slack), divided by the KV cache and the token ids (8 bytes) per token.
+    left after the weights, the CUDA context and one chunk's activations, divided by the KV cache
+    and the token ids (8 bytes) per token. The chunk is counted three times: on the CPU (fixed
+    heap) bench_long measured a chunk's working set at the estimate (within 4%), but the GPU's
+    caching allocator was never measured here (no GPU lent), so its slack keeps a margin.
     """
     left = device_bytes - params * _bytes(dtype) - overhead
     left -= 3 * chunk * activation_bytes_per_token(cfg, dtype)
