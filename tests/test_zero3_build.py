@@ -145,23 +145,21 @@ def test_zero3_two_ranks_match_zero0_and_refuse_another_world_size(tmp_path):
     model_cfg = compose_run(tmp_path / "x").model
     base = make_random_savanna_checkpoint(tmp_path / "base", model_cfg, CONTEXT, layout="latest")
 
+    common = (
+        f"ckpt.context={CONTEXT}",
+        f"ckpt.path={base}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.truncate=true",
+        "train.micro_batch_size=2",
+        "train.eval_steps=1",
+        "train.lr=1e-3",
+        "train.warmup=0.2",
+        "train.precision=float32",
+        "train.eval_every=3",
+    )
+
     def run(name, *overrides):
-        return compose_run(
-            tmp_path / name,
-            f"ckpt.context={CONTEXT}",
-            f"ckpt.path={base}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.truncate=true",
-            "train.micro_batch_size=2",
-            "train.eval_steps=1",
-            "train.lr=1e-3",
-            "train.warmup=0.2",
-            "train.precision=float32",
-            "train.steps=3",
-            "train.eval_every=3",
-            "cluster.tasks=2",
-            *overrides,
-        )
+        return compose_run(tmp_path / name, *common, "train.steps=3", "cluster.tasks=2", *overrides)
 
     zero0 = run_finetune(run("zero0", "train.zero_stage=0"))
     zero3_run = run("zero3", "train.zero_stage=3")
@@ -174,26 +172,7 @@ def test_zero3_two_ranks_match_zero0_and_refuse_another_world_size(tmp_path):
     state, meta = load_module_state_dict(Path(zero3_run.output_dir))
     assert meta["iteration"] == 3 and state["sequential.3.mixer.mixer.filter.h"].shape[1] == CONTEXT
     # resuming it on one process is refused in one line that says what to do
-    one = compose_run(
-        Path(zero3_run.output_dir),
-        *[
-            o
-            for o in (
-                f"ckpt.context={CONTEXT}",
-                f"ckpt.path={base}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "data.truncate=true",
-                "train.micro_batch_size=2",
-                "train.eval_steps=1",
-                "train.lr=1e-3",
-                "train.warmup=0.2",
-                "train.precision=float32",
-                "train.steps=4",
-                "train.eval_every=3",
-                "train.zero_stage=3",
-            )
-        ],
-    )
+    one = compose_run(Path(zero3_run.output_dir), *common, "train.steps=4", "train.zero_stage=3")
     with pytest.raises(
         UserError,
         match=r"a ZeRO-3 checkpoint of 2 ranks, but this run has 1.*convert.py target=savanna",
