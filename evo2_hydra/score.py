@@ -44,7 +44,6 @@ from evo2_hydra.outputs import check_new_output, default_output
 
 log = logging.getLogger(__name__)
 
-PAD_ID = 1  # CharLevelTokenizer pad; right padding never influences earlier positions (causal)
 COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 CONTEXT_SUFFIXES = ("mixer.mixer.filter.h", "mixer.mixer.filter.decay", "mixer.mixer.filter.t")
 
@@ -110,14 +109,16 @@ def score_batch(
     `chunk_tokens` > 0 runs it in exact chunks (evo2_hydra/model/chunked.py: same results, memory
     bounded by the KV cache); None decides from the device's free memory (needs `model_cfg`).
     """
-    from evo2_hydra.infer.common import next_token_log_probs, resolve_chunk, run_chunks
+    from evo2_hydra.infer.common import (
+        next_token_log_probs,
+        pad_batch,
+        resolve_chunk,
+        run_chunks,
+    )
 
     tokens = [tokenize(t) for t in texts]
     longest = max(len(t) for t in tokens)
-    ids = torch.full((len(tokens), longest), PAD_ID, dtype=torch.long)
-    for row, seq in enumerate(tokens):
-        ids[row, : len(seq)] = torch.tensor(seq)
-    ids = ids.to(model.embedding.weight.device)
+    ids = pad_batch(tokens, model.embedding.weight.device)
     chunk_tokens = resolve_chunk(chunk_tokens, model, model_cfg, len(tokens), longest)
     if not chunk_tokens or chunk_tokens >= longest:
         logits = model(ids).float()
