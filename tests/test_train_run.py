@@ -233,6 +233,37 @@ def test_offload_trains_as_without_and_resumes_exactly(make_run, monkeypatch, st
         assert losses[step] == pytest.approx(loss, rel=1e-5), (step, losses, reference["losses"])
 
 
+def test_second_ctrl_c_after_the_commit_reports_the_saved_step(make_run, monkeypatch):
+    """The second Ctrl-C arrives after the stop's checkpoint was committed but before the save
+    returned (here: while old checkpoints are pruned; with several ranks, at the last barrier):
+    `Interrupted` names the committed step, so the one line does not say "without saving"."""
+    from evo2_hydra.checkpoint import writer
+    from evo2_hydra.errors import Interrupted
+
+    real_loss, real_prune = data_loss.lm_loss, writer.prune_checkpoints
+    calls = {"n": 0}
+
+    def first_ctrl_c(logits, batch):
+        if torch.is_grad_enabled():  # a training micro-step (not validation)
+            calls["n"] += 1
+            if calls["n"] == 2:  # during step 2: it finishes, then saves
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(logits, batch)
+
+    def second_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(data_loss, "lm_loss", first_ctrl_c)
+    monkeypatch.setattr(writer, "prune_checkpoints", second_ctrl_c)
+    args = ("train.zero_stage=1", "train.precision=float32", "train.steps=6")
+    run = make_run("twice", *args, "train.save_every=100", "train.eval_every=100")
+    with pytest.raises(Interrupted) as err:
+        run_finetune(run)
+    assert err.value.saved_step == 2
+    assert latest(run) == "global_step2"
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(make_run, monkeypatch):
     run = make_run("run", "train.zero_stage=0", "train.steps=5", "train.save_every=2")
     _signal_at(monkeypatch, train_call=4, nan=True)

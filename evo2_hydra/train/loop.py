@@ -209,10 +209,11 @@ def train_loop(
             metrics.valid(step, loss)
         stopping = _any_rank(bool(stop), device)
         if step % settings.save_every == 0 or step == settings.total_steps or stopping:
-            save(step)
+            save(step)  # a second Ctrl-C inside it says itself whether the step was committed
+            if stopping:
+                stop.saved_step = step  # ... and from here on the flag says it
             result.last_saved_step = step
         if stopping:
-            stop.saved_step = step  # a second Ctrl-C from here on says what was saved
             result.stopped_by = stop.signal_name or "signal on another rank"
             log.warning("stopped by %s after step %d; checkpoint saved", result.stopped_by, step)
             break

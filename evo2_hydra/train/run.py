@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from evo2_hydra.config import ClusterKind, Dtype, RunConfig
 from evo2_hydra.distributed import DistInfo, launched_externally, setup_distributed
-from evo2_hydra.errors import UserError
+from evo2_hydra.errors import Interrupted, UserError
 from evo2_hydra.io_utils import (
     LOCK_NAME,
     exclusive_lock,
@@ -381,6 +381,10 @@ def finetune_this_rank(run: RunConfig) -> dict:
                     conditions=conditions,
                     keep_last=train.keep_last,
                 )
+            except Interrupted as err:
+                # a second Ctrl-C during the save: `latest` says whether this step was committed
+                # (rank 0 commits, then prunes and waits for the other ranks)
+                raise Interrupted(step if _latest_is(run_dir, step) else err.saved_step) from None
             except (OSError, RuntimeError) as err:
                 translated = checkpoint_save_error(run_dir, step, err)
                 if translated is err:
@@ -433,6 +437,17 @@ def finetune_this_rank(run: RunConfig) -> dict:
         if dist.is_main:
             _log_summary(run, summary)
         return summary
+
+
+def _latest_is(run_dir: Path, step: int) -> bool:
+    """Whether the run's `checkpoints/latest` names step `step`."""
+    from evo2_hydra.checkpoint.layout import read_latest
+    from evo2_hydra.train.saving import checkpoint_dir, step_tag
+
+    try:
+        return read_latest(checkpoint_dir(run_dir)).name == step_tag(step)
+    except UserError:  # no (readable) latest yet
+        return False
 
 
 def check_inputs(run: RunConfig) -> None:
